@@ -1,0 +1,39 @@
+# The two README commands:
+#   make quickstart   set up, then run the main job on the embedded default (tiny model, CPU)
+#   make test         set up, then run the test suite
+# `make setup` creates .venv (idempotent). On a cluster container, skip it and
+# `pip install --no-deps -e .` next to the container's torch / megatron-core / TE instead.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.setup-done
+
+# torch: the CPU wheel (a plain spec would pull GBs of CUDA packages on a CPU machine).
+# megatron-core 0.19 declares Python >= 3.12 but its cp311 wheel runs on 3.11.
+# triton: imported by megatron.core at import time.
+TORCH_SPEC         ?= torch==2.13.0
+MEGATRON_CORE_SPEC ?= megatron-core==0.19.2
+
+.PHONY: setup quickstart test clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q --no-deps --ignore-requires-python "$(MEGATRON_CORE_SPEC)"
+	$(PIP) install -q triton
+	$(PIP) install -q -e ".[test]"
+	touch $(STAMP)
+
+quickstart: setup
+	$(PY) examples/quickstart/run.py --out runs/quickstart
+
+test: setup
+	$(PY) -m pytest tests -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,1 @@
+"""Trace datasets: the on-disk format, input records, tokenization and preprocessing."""

@@ -1,0 +1,116 @@
+"""Render conversations with the student's chat template and mark the supervised tokens.
+
+Loss mask rule: every assistant turn is supervised, from the first character after the
+template's generation prompt to the end of what the template writes for that turn (the
+end-of-turn token included), less trailing whitespace the model never generates. A token is
+supervised when its first character lies inside such a span; token 0 never is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from megatron_dcod.data.trace_format import TokenizerFingerprint
+
+# Used when the tokenizer ships no chat template. Each turn is "<|role|>\n" + content + EOS + "\n",
+# and the generation prompt is "<|assistant|>\n".
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+Messages = Sequence[dict[str, str]]
+
+
+class ChatTemplateError(ValueError):
+    """A conversation the chat template cannot render in a way we can mask."""
+
+
+def load_tokenizer(tokenizer_dir: str | Path) -> Any:
+    """Load a local HF fast tokenizer, with a clear error naming the dir when that fails."""
+    from transformers import AutoTokenizer
+
+    path = Path(tokenizer_dir)
+    if not path.is_dir():
+        raise ValueError(f"tokenizer dir {path} does not exist or is not a directory")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as error:  # transformers raises many types for unreadable dirs
+        raise ValueError(f"cannot load a tokenizer from {path}: {error}") from error
+    if not tokenizer.is_fast:
+        raise ValueError(f"{path}: a fast tokenizer (tokenizer.json) is needed for offsets")
+    return tokenizer
+
+
+class ChatTokenizer:
+    """The student tokenizer plus the chat template traces are rendered with."""
+
+    def __init__(self, tokenizer_dir: str | Path):
+        self.tokenizer = load_tokenizer(tokenizer_dir)
+        self.chat_template = self.tokenizer.chat_template or PLAIN_CHAT_TEMPLATE
+        if self.tokenizer.chat_template is None and self.tokenizer.eos_token is None:
+            raise ValueError(
+                f"{tokenizer_dir}: the tokenizer has neither a chat template nor an EOS token"
+            )
+        self.fingerprint = TokenizerFingerprint.of(self.tokenizer, self.chat_template)
+
+    def render(self, messages: Messages, add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(
+            list(messages),
+            chat_template=self.chat_template,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
+
+    def supervised_spans(self, messages: Messages) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered conversation and the [start, end) character spans of assistant turns."""
+        text = self.render(messages)
+        spans = []
+        for turn, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = self.render(messages[:turn], add_generation_prompt=True) if turn else ""
+            through = self.render(messages[: turn + 1])
+            if not (text.startswith(through) and through.startswith(before)):
+                raise ChatTemplateError(
+                    f"the chat template does not render turn {turn} as a prefix of the whole "
+                    "conversation, so its tokens cannot be located"
+                )
+            end = len(through.rstrip())
+            if end > len(before):
+                spans.append((len(before), end))
+        return text, spans
+
+    def encode(self, conversations: Sequence[Messages]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Tokenize conversations; per conversation (tokens [T] int32, loss_mask [T] uint8)."""
+        rendered = [self.supervised_spans(messages) for messages in conversations]
+        encodings = self.tokenizer(
+            [text for text, _ in rendered],
+            add_special_tokens=False,  # templates write their own BOS/EOS
+            return_offsets_mapping=True,
+            return_attention_mask=False,
+        )
+        results = []
+        for (_, spans), token_ids, offsets in zip(
+            rendered, encodings["input_ids"], encodings["offset_mapping"]
+        ):
+            tokens = np.asarray(token_ids, dtype=np.int32)
+            token_starts = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 0]  # [T]
+            results.append((tokens, _mask_from_spans(token_starts, spans)))
+        return results
+
+
+def _mask_from_spans(token_starts: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """1 where a token's first character lies in one of the sorted, disjoint spans."""
+    if not spans:
+        return np.zeros(len(token_starts), dtype=np.uint8)
+    span_starts, span_ends = np.asarray(spans, dtype=np.int64).T  # [n_spans] each
+    span_index = np.searchsorted(span_starts, token_starts, side="right") - 1  # [T]
+    inside = (span_index >= 0) & (token_starts < span_ends[np.maximum(span_index, 0)])
+    inside[:1] = False  # token 0 is never a target
+    return inside.astype(np.uint8)

@@ -1,0 +1,148 @@
+"""Records → traces: tokenization, teacher log-prob alignment, length limits.
+
+Runs in the tokenizer workers of tools/preprocess_traces.py, so it imports nothing heavy and
+returns bad records as values (the main process decides between failing and skipping).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from megatron_dcod.config import RecordFields
+from megatron_dcod.data.chat import ChatTemplateError, ChatTokenizer
+from megatron_dcod.data.records import ParsedRecord, RawRecord, RecordError, RecordLocation
+from megatron_dcod.data.records import parse_record
+from megatron_dcod.data.trace_format import Trace, TraceFormatError, validate_trace
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """What the workers need to know to turn records into traces."""
+
+    fields: RecordFields
+    max_seq_length: int | None
+    overlong: str  # "truncate" | "drop"
+    keep_record_teacher: bool
+    """Use the teacher arrays the records carry (False when a teacher model re-scores)."""
+
+
+@dataclass
+class EncodedRecord:
+    """One record's outcome: a trace, or why there is none."""
+
+    location: RecordLocation
+    trace: Trace | None
+    sidecar: dict[str, Any] | None
+    outcome: str  # "kept" | "truncated" | "dropped_overlong" | "dropped_truncated_to_no_target"
+
+
+@dataclass
+class BadRecord:
+    """A record that cannot become a trace (picklable, unlike an exception with context)."""
+
+    location: RecordLocation
+    message: str
+    malformed_json: bool
+
+
+def encode_records(
+    raw_records: Sequence[RawRecord], tokenizer: ChatTokenizer, options: EncodeOptions
+) -> list[EncodedRecord | BadRecord]:
+    """Parse, tokenize (one batched call) and align a chunk of records, in order."""
+    parsed: list[tuple[RecordLocation, ParsedRecord]] = []
+    outcomes: list[EncodedRecord | BadRecord | None] = []
+    for location, payload in raw_records:
+        try:
+            parsed.append((location, parse_record(payload, location, options.fields)))
+            outcomes.append(None)
+        except RecordError as error:
+            outcomes.append(BadRecord(location, str(error), error.malformed_json))
+    try:
+        encodings = tokenizer.encode([record.messages for _, record in parsed])
+    except ChatTemplateError:  # find the culprit record by encoding one at a time
+        encodings = [_encode_one(tokenizer, location, record) for location, record in parsed]
+    results = iter(zip(parsed, encodings))
+    for slot, outcome in enumerate(outcomes):
+        if outcome is None:
+            (location, record), encoding = next(results)
+            outcomes[slot] = _to_trace(location, record, encoding, options, tokenizer)
+    return outcomes
+
+
+def _encode_one(tokenizer: ChatTokenizer, location: RecordLocation, record: ParsedRecord) -> Any:
+    try:
+        return tokenizer.encode([record.messages])[0]
+    except ChatTemplateError as error:
+        return BadRecord(location, f"{location}: {error}", malformed_json=False)
+
+
+def _to_trace(
+    location: RecordLocation,
+    record: ParsedRecord,
+    encoding: tuple[np.ndarray, np.ndarray] | BadRecord,
+    options: EncodeOptions,
+    tokenizer: ChatTokenizer,
+) -> EncodedRecord | BadRecord:
+    if isinstance(encoding, BadRecord):
+        return encoding
+    tokens, loss_mask = encoding
+    try:
+        trace = Trace(tokens=tokens, loss_mask=loss_mask)
+        if options.keep_record_teacher and record.teacher_logprobs is not None:
+            _attach_teacher(trace, record, tokenizer)
+        validate_trace(trace)
+    except (RecordError, TraceFormatError) as error:
+        return BadRecord(location, f"{location}: {error}", malformed_json=False)
+    return _apply_length_limit(location, trace, record.sidecar, options)
+
+
+def _attach_teacher(trace: Trace, record: ParsedRecord, tokenizer: ChatTokenizer) -> None:
+    """Place the teacher's per-response-token arrays at the supervised positions of the trace."""
+    supervised = np.flatnonzero(trace.loss_mask)  # [R] positions of the response tokens
+    student_ids = trace.tokens[supervised]
+    teacher_ids = record.teacher_token_ids
+    if len(teacher_ids) != len(student_ids) or not np.array_equal(teacher_ids, student_ids):
+        raise TraceFormatError(_token_mismatch_message(student_ids, teacher_ids, tokenizer))
+    length = len(trace.tokens)
+    trace.teacher_logprobs = np.zeros(length, dtype=np.float32)
+    trace.teacher_logprobs[supervised] = record.teacher_logprobs
+    if record.teacher_topk_ids is not None:
+        k = record.teacher_topk_ids.shape[1]
+        trace.teacher_topk_ids = np.zeros((length, k), dtype=np.int32)
+        trace.teacher_topk_logprobs = np.zeros((length, k), dtype=np.float16)
+        trace.teacher_topk_ids[supervised] = record.teacher_topk_ids
+        trace.teacher_topk_logprobs[supervised] = record.teacher_topk_logprobs
+
+
+def _token_mismatch_message(
+    student_ids: np.ndarray, teacher_ids: np.ndarray, tokenizer: ChatTokenizer
+) -> str:
+    common = min(len(student_ids), len(teacher_ids))
+    differs = np.flatnonzero(student_ids[:common] != teacher_ids[:common])
+    first = int(differs[0]) if len(differs) else common
+    show = tokenizer.tokenizer.convert_ids_to_tokens
+    return (
+        f"teacher_token_ids do not match the student tokenization of the response "
+        f"({len(teacher_ids)} teacher vs {len(student_ids)} student tokens; first difference at "
+        f"response token {first}: teacher {show(teacher_ids[first:first + 3].tolist())} vs "
+        f"student {show(student_ids[first:first + 3].tolist())}). The teacher must share the "
+        "student's tokenizer and cover every supervised token incl. the end-of-turn token, "
+        "or re-score with --score-with"
+    )
+
+
+def _apply_length_limit(
+    location: RecordLocation, trace: Trace, sidecar: dict | None, options: EncodeOptions
+) -> EncodedRecord:
+    limit = options.max_seq_length
+    if limit is None or len(trace.tokens) <= limit:
+        return EncodedRecord(location, trace, sidecar, "kept")
+    if options.overlong == "drop":
+        return EncodedRecord(location, None, None, "dropped_overlong")
+    trace = trace.truncated(limit)
+    if not trace.loss_mask.any():
+        return EncodedRecord(location, None, None, "dropped_truncated_to_no_target")
+    return EncodedRecord(location, trace, sidecar, "truncated")

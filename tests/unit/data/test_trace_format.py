@@ -1,0 +1,154 @@
+"""The on-disk trace format: exact round trip, alignment checks, refusals, atomic writes."""
+
+import json
+
+import numpy as np
+import pytest
+
+from megatron_dcod.data.trace_format import (
+    FORMAT_VERSION,
+    Trace,
+    TokenizerFingerprint,
+    TraceDataset,
+    TraceDatasetWriter,
+    TraceFormatError,
+    check_tokenizer,
+    meta_path,
+    validate_trace,
+)
+
+ALL_ARRAYS = (
+    "tokens",
+    "loss_mask",
+    "teacher_logprobs",
+    "teacher_topk_ids",
+    "teacher_topk_logprobs",
+    "ref_logprobs",
+    "source",
+)
+FINGERPRINT = TokenizerFingerprint("tok", 100, "a" * 64, "b" * 64)
+
+
+def random_trace(rng: np.random.Generator, length: int, k: int = 4) -> Trace:
+    mask = (rng.random(length) < 0.6).astype(np.uint8)
+    mask[0], mask[-1] = 0, 1
+    return Trace(
+        tokens=rng.integers(0, 100, length, dtype=np.int32),
+        loss_mask=mask,
+        teacher_logprobs=np.where(mask, -rng.exponential(size=length), 0).astype(np.float32),
+        teacher_topk_ids=rng.integers(0, 100, (length, k), dtype=np.int32),
+        teacher_topk_logprobs=(-rng.exponential(size=(length, k))).astype(np.float16),
+        ref_logprobs=np.where(mask, -rng.exponential(size=length), 0).astype(np.float32),
+        source=rng.integers(0, 3, length, dtype=np.uint8),
+    )
+
+
+def write(prefix, traces, k=4, meta=None):
+    with TraceDatasetWriter(prefix, ALL_ARRAYS, topk=k) as writer:
+        for index, trace in enumerate(traces):
+            writer.add(trace, {"index": index})
+        return writer.commit({"tokenizer": FINGERPRINT.__dict__, **(meta or {})})
+
+
+def test_round_trip_is_bit_exact(tmp_path):
+    rng = np.random.default_rng(0)
+    traces = [random_trace(rng, length) for length in (2, 17, 300, 5)]
+    meta = write(tmp_path / "ds", traces)
+    dataset = TraceDataset(tmp_path / "ds", tokenizer=FINGERPRINT)
+    assert len(dataset) == len(traces) == meta["counts"]["traces"]
+    for original, loaded in zip(traces, (dataset[i] for i in range(len(dataset)))):
+        for name in ALL_ARRAYS:
+            expected, actual = getattr(original, name), getattr(loaded, name)
+            assert actual.dtype == expected.dtype and actual.shape == expected.shape, name
+            assert actual.tobytes() == expected.tobytes(), name
+    assert meta["counts"]["tokens"] == sum(len(t.tokens) for t in traces)
+    assert meta["counts"]["supervised_tokens"] == sum(int(t.loss_mask.sum()) for t in traces)
+    expected_mean = (
+        np.concatenate([t.teacher_logprobs[t.loss_mask == 1] for t in traces])
+        .astype(np.float64)
+        .mean()
+    )
+    assert meta["stats"]["teacher_logprob_mean"] == pytest.approx(expected_mean, rel=1e-9)
+    flat_topk = np.concatenate([t.teacher_topk_logprobs for t in traces])
+    assert np.array_equal(dataset.flat("teacher_topk_logprobs"), flat_topk)
+    sidecar = (tmp_path / "ds.sidecar.jsonl").read_text().splitlines()
+    assert [json.loads(line)["index"] for line in sidecar] == list(range(len(traces)))
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda t: t.loss_mask.__setitem__(0, 1), "element 0 is supervised"),
+        (lambda t: t.loss_mask.fill(0), "no supervised token"),
+        (lambda t: t.teacher_logprobs.__setitem__(3, np.nan), "teacher_logprobs at token 3"),
+        (lambda t: t.ref_logprobs.__setitem__(2, np.inf), "ref_logprobs at token 2"),
+        (lambda t: t.teacher_logprobs.__setitem__(1, 0.5), "must be finite and <= 0"),
+        (lambda t: setattr(t, "source", t.source[:-1]), "source has 9 positions for 10 tokens"),
+    ],
+)
+def test_validate_trace_rejects(corrupt, message):
+    trace = random_trace(np.random.default_rng(1), 10)
+    validate_trace(trace)
+    corrupt(trace)
+    with pytest.raises(TraceFormatError, match=message):
+        validate_trace(trace)
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    rng = np.random.default_rng(2)
+    with pytest.raises(RuntimeError):
+        with TraceDatasetWriter(tmp_path / "ds", ALL_ARRAYS, topk=4) as writer:
+            writer.add(random_trace(rng, 8))
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_refuses_inconsistent_traces(tmp_path):
+    rng = np.random.default_rng(3)
+    with TraceDatasetWriter(tmp_path / "ds", ALL_ARRAYS, topk=4) as writer:
+        trace = random_trace(rng, 8, k=2)
+        with pytest.raises(TraceFormatError, match="expected k=4"):
+            writer.add(trace)
+        trace = random_trace(rng, 8)
+        trace.ref_logprobs = None
+        with pytest.raises(TraceFormatError, match="trace carries"):
+            writer.add(trace)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_commit_replaces_an_older_dataset(tmp_path):
+    rng = np.random.default_rng(4)
+    write(tmp_path / "ds", [random_trace(rng, 6) for _ in range(3)])
+    write(tmp_path / "ds", [random_trace(rng, 9)])
+    dataset = TraceDataset(tmp_path / "ds")
+    assert len(dataset) == 1 and len(dataset[0].tokens) == 9
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+def test_reader_refuses_other_format_version_and_tokenizer(tmp_path):
+    write(tmp_path / "ds", [random_trace(np.random.default_rng(5), 6)])
+    other = TokenizerFingerprint("elsewhere/tok", 100, "c" * 64, "b" * 64)
+    with pytest.raises(TraceFormatError, match=r"tokenizer mismatch in \['vocab_sha256'\]"):
+        TraceDataset(tmp_path / "ds", tokenizer=other)
+    same_but_moved = TokenizerFingerprint("elsewhere/tok", 100, "a" * 64, "b" * 64)
+    check_tokenizer(TraceDataset(tmp_path / "ds").meta, same_but_moved, "ds")
+    meta = json.loads(meta_path(tmp_path / "ds").read_text())
+    meta["format_version"] = FORMAT_VERSION + 1
+    meta_path(tmp_path / "ds").write_text(json.dumps(meta))
+    with pytest.raises(TraceFormatError, match="format version"):
+        TraceDataset(tmp_path / "ds")
+
+
+def test_reader_refuses_misaligned_arrays(tmp_path):
+    rng = np.random.default_rng(6)
+    write(tmp_path / "a", [random_trace(rng, 6), random_trace(rng, 7)])
+    write(tmp_path / "b", [random_trace(rng, 7), random_trace(rng, 6)])
+    for ext in (".bin", ".idx"):
+        (tmp_path / f"b_teacher_logprobs{ext}").replace(tmp_path / f"a_teacher_logprobs{ext}")
+    with pytest.raises(TraceFormatError, match="teacher_logprobs is not aligned"):
+        TraceDataset(tmp_path / "a")
+
+
+def test_missing_dataset(tmp_path):
+    with pytest.raises(TraceFormatError, match="meta.json missing"):
+        TraceDataset(tmp_path / "nothing")
