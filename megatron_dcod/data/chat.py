@@ -89,28 +89,33 @@ class ChatTokenizer:
     def encode(self, conversations: Sequence[Messages]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Tokenize conversations; per conversation (tokens [T] int32, loss_mask [T] uint8)."""
         rendered = [self.supervised_spans(messages) for messages in conversations]
-        encodings = self.tokenizer(
-            [text for text, _ in rendered],
-            add_special_tokens=False,  # templates write their own BOS/EOS
-            return_offsets_mapping=True,
-            return_attention_mask=False,
+        # the Rust tokenizer directly: one batched call, and only span ends are mapped to tokens
+        encodings = self.tokenizer.backend_tokenizer.encode_batch(
+            [text for text, _ in rendered], add_special_tokens=False  # templates write BOS/EOS
         )
         results = []
-        for (_, spans), token_ids, offsets in zip(
-            rendered, encodings["input_ids"], encodings["offset_mapping"]
-        ):
-            tokens = np.asarray(token_ids, dtype=np.int32)
-            token_starts = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 0]  # [T]
-            results.append((tokens, _mask_from_spans(token_starts, spans)))
+        for (_, spans), encoding in zip(rendered, encodings):
+            tokens = np.asarray(encoding.ids, dtype=np.int32)  # [T]
+            loss_mask = np.zeros(len(tokens), dtype=np.uint8)  # [T]
+            for start, end in spans:
+                first, last = _tokens_starting_in(encoding, start, end)
+                loss_mask[first : last + 1] = 1
+            loss_mask[:1] = 0  # token 0 is never a target
+            results.append((tokens, loss_mask))
         return results
 
 
-def _mask_from_spans(token_starts: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
-    """1 where a token's first character lies in one of the sorted, disjoint spans."""
-    if not spans:
-        return np.zeros(len(token_starts), dtype=np.uint8)
-    span_starts, span_ends = np.asarray(spans, dtype=np.int64).T  # [n_spans] each
-    span_index = np.searchsorted(span_starts, token_starts, side="right") - 1  # [T]
-    inside = (span_index >= 0) & (token_starts < span_ends[np.maximum(span_index, 0)])
-    inside[:1] = False  # token 0 is never a target
-    return inside.astype(np.uint8)
+def _tokens_starting_in(encoding: Any, start: int, end: int) -> tuple[int, int]:
+    """First and last index of the tokens whose first character lies in [start, end).
+
+    Characters a normalizer dropped map to no token; the nearest mapped one inside the span
+    stands in for them.
+    """
+    first_char = next(c for c in range(start, end) if encoding.char_to_token(c) is not None)
+    last_char = next(
+        c for c in range(end - 1, start - 1, -1) if encoding.char_to_token(c) is not None
+    )
+    first = encoding.char_to_token(first_char)
+    if encoding.token_to_chars(first)[0] < start:  # straddles the span start: not a target
+        first += 1
+    return first, encoding.char_to_token(last_char)

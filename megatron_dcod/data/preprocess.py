@@ -13,6 +13,8 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import os
+import threading
 import time
 from collections import Counter, deque
 from contextlib import ExitStack
@@ -32,6 +34,7 @@ from megatron_dcod.data.trace_format import (
     TraceDatasetWriter,
     TraceFormatError,
     meta_path,
+    preload_indexed_dataset,
     read_meta,
 )
 
@@ -56,6 +59,8 @@ def preprocess_traces(config: PreprocessConfig, command: str = "") -> dict[str, 
             f"{config.output_prefix}: a dataset built from other inputs or arguments exists; "
             "pass --overwrite to replace it"
         )
+    # the writer needs megatron-core only at the first trace: import it while workers start
+    threading.Thread(target=preload_indexed_dataset, daemon=True).start()
     scorers = _load_scorers(config, tokenizer)
     options = EncodeOptions(
         fields=config.fields,
@@ -147,6 +152,7 @@ _worker_options: EncodeOptions | None = None
 
 def _start_worker(tokenizer_dir: str, options: EncodeOptions) -> None:
     global _worker_tokenizer, _worker_options
+    os.environ.setdefault("RAYON_RS_NUM_CPUS", "1")  # one core per worker: N workers, N cores
     _worker_tokenizer, _worker_options = ChatTokenizer(tokenizer_dir), options
 
 

@@ -262,6 +262,12 @@ def _quiet_megatron() -> Iterator[Any]:
         yield indexed_dataset
 
 
+def preload_indexed_dataset() -> None:
+    """Import megatron-core's indexed dataset now (it takes seconds); for a background thread."""
+    with _quiet_megatron():
+        pass
+
+
 def remove_dataset(prefix: str | os.PathLike) -> None:
     """Delete a dataset's files, meta.json first so that a half-removed dataset never reads."""
     for path in dataset_files(prefix):
