@@ -9,7 +9,7 @@ carry teacher log-probs and token ids, then measures at 1 and 2 workers:
         alignment checks, writing the dataset (worker start-up included).
 Also bytes per token on disk without and with a teacher top-8.
 
-    python benchmarks/preprocess_throughput.py [--corpus-mb 50] [--work-dir /tmp/dcod-bench]
+    python benchmarks/preprocess_throughput.py [--corpus-mb 200] [--work-dir /tmp/dcod-bench]
 
 Last line: JSON with tokens_per_s, raw_tokens_per_s, ratio_to_raw, bytes_per_token (per worker
 count). Goal: ratio_to_raw >= 0.70.
@@ -119,7 +119,7 @@ def bytes_per_token(prefix: Path, meta: dict) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus-mb", type=float, default=50.0)
+    parser.add_argument("--corpus-mb", type=float, default=200.0)
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/dcod-bench-preprocess"))
     args = parser.parse_args()
     work = args.work_dir

@@ -25,6 +25,7 @@ PLAIN_CHAT_TEMPLATE = (
 )
 
 Messages = Sequence[dict[str, str]]
+Rendered = tuple[str, list[tuple[int, int]]]  # text, [start, end) spans of the assistant turns
 
 
 class ChatTemplateError(ValueError):
@@ -67,7 +68,7 @@ class ChatTokenizer:
             add_generation_prompt=add_generation_prompt,
         )
 
-    def supervised_spans(self, messages: Messages) -> tuple[str, list[tuple[int, int]]]:
+    def render_with_spans(self, messages: Messages) -> Rendered:
         """The rendered conversation and the [start, end) character spans of assistant turns."""
         text = self.render(messages)
         spans = []
@@ -88,21 +89,31 @@ class ChatTokenizer:
 
     def encode(self, conversations: Sequence[Messages]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Tokenize conversations; per conversation (tokens [T] int32, loss_mask [T] uint8)."""
-        rendered = [self.supervised_spans(messages) for messages in conversations]
-        # the Rust tokenizer directly: one batched call, and only span ends are mapped to tokens
-        encodings = self.tokenizer.backend_tokenizer.encode_batch(
-            [text for text, _ in rendered], add_special_tokens=False  # templates write BOS/EOS
-        )
-        results = []
-        for (_, spans), encoding in zip(rendered, encodings):
-            tokens = np.asarray(encoding.ids, dtype=np.int32)  # [T]
-            loss_mask = np.zeros(len(tokens), dtype=np.uint8)  # [T]
-            for start, end in spans:
-                first, last = _tokens_starting_in(encoding, start, end)
-                loss_mask[first : last + 1] = 1
-            loss_mask[:1] = 0  # token 0 is never a target
-            results.append((tokens, loss_mask))
-        return results
+        rendered = [self.render_with_spans(messages) for messages in conversations]
+        return tokenize_rendered(self.tokenizer.backend_tokenizer, rendered)
+
+
+def tokenize_rendered(
+    backend_tokenizer: Any, rendered: Sequence[Rendered]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Tokenize rendered conversations in one batched call of the Rust tokenizer and mark the
+    tokens whose first character lies in a supervised span (only span ends are looked up).
+
+    Needs nothing but a `tokenizers.Tokenizer`, so tokenizer workers start without transformers.
+    """
+    encodings = backend_tokenizer.encode_batch(
+        [text for text, _ in rendered], add_special_tokens=False  # templates write BOS/EOS
+    )
+    results = []
+    for (_, spans), encoding in zip(rendered, encodings):
+        tokens = np.asarray(encoding.ids, dtype=np.int32)  # [T]
+        loss_mask = np.zeros(len(tokens), dtype=np.uint8)  # [T]
+        for start, end in spans:
+            first, last = _tokens_starting_in(encoding, start, end)
+            loss_mask[first : last + 1] = 1
+        loss_mask[:1] = 0  # token 0 is never a target
+        results.append((tokens, loss_mask))
+    return results
 
 
 def _tokens_starting_in(encoding: Any, start: int, end: int) -> tuple[int, int]:

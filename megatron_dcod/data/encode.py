@@ -1,7 +1,9 @@
 """Records → traces: tokenization, teacher log-prob alignment, length limits.
 
-Runs in the tokenizer workers of tools/preprocess_traces.py, so it imports nothing heavy and
-returns bad records as values (the main process decides between failing and skipping).
+Three steps per chunk of records: prepare (parse, render the chat template: cheap, main
+process), tokenize (chat.tokenize_rendered: the costly part, in the tokenizer workers), finish
+(teacher alignment, validation, length limit: main process). Bad records are returned as values;
+the caller decides between failing and skipping.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from megatron_dcod.config import RecordFields
-from megatron_dcod.data.chat import ChatTemplateError, ChatTokenizer
+from megatron_dcod.data.chat import ChatTemplateError, ChatTokenizer, Rendered, tokenize_rendered
 from megatron_dcod.data.records import ParsedRecord, RawRecord, RecordError, RecordLocation
 from megatron_dcod.data.records import parse_record
 from megatron_dcod.data.trace_format import Trace, TraceFormatError, validate_trace
@@ -48,51 +50,77 @@ class BadRecord:
     malformed_json: bool
 
 
-def encode_records(
-    raw_records: Sequence[RawRecord], tokenizer: ChatTokenizer, options: EncodeOptions
-) -> list[EncodedRecord | BadRecord]:
-    """Parse, tokenize (one batched call) and align a chunk of records, in order."""
-    parsed: list[tuple[RecordLocation, ParsedRecord]] = []
-    outcomes: list[EncodedRecord | BadRecord | None] = []
+@dataclass
+class PreparedRecord:
+    """A parsed record and its rendered conversation, ready for the tokenizer."""
+
+    location: RecordLocation
+    record: ParsedRecord
+    rendered: Rendered
+
+
+def prepare_records(
+    raw_records: Sequence[RawRecord], chat: ChatTokenizer, options: EncodeOptions
+) -> list[PreparedRecord | BadRecord]:
+    """Parse and render a chunk of records (the cheap part; the main process does it)."""
+    prepared: list[PreparedRecord | BadRecord] = []
     for location, payload in raw_records:
         try:
-            parsed.append((location, parse_record(payload, location, options.fields)))
-            outcomes.append(None)
+            record = parse_record(payload, location, options.fields)
+            prepared.append(
+                PreparedRecord(location, record, chat.render_with_spans(record.messages))
+            )
         except RecordError as error:
-            outcomes.append(BadRecord(location, str(error), error.malformed_json))
-    try:
-        encodings = tokenizer.encode([record.messages for _, record in parsed])
-    except ChatTemplateError:  # find the culprit record by encoding one at a time
-        encodings = [_encode_one(tokenizer, location, record) for location, record in parsed]
-    results = iter(zip(parsed, encodings))
-    for slot, outcome in enumerate(outcomes):
-        if outcome is None:
-            (location, record), encoding = next(results)
-            outcomes[slot] = _to_trace(location, record, encoding, options, tokenizer)
-    return outcomes
+            prepared.append(BadRecord(location, str(error), error.malformed_json))
+        except ChatTemplateError as error:
+            prepared.append(BadRecord(location, f"{location}: {error}", malformed_json=False))
+    return prepared
 
 
-def _encode_one(tokenizer: ChatTokenizer, location: RecordLocation, record: ParsedRecord) -> Any:
-    try:
-        return tokenizer.encode([record.messages])[0]
-    except ChatTemplateError as error:
-        return BadRecord(location, f"{location}: {error}", malformed_json=False)
+def rendered_of(prepared: Sequence[PreparedRecord | BadRecord]) -> list[Rendered]:
+    """What the tokenizer needs from a prepared chunk (see chat.tokenize_rendered)."""
+    return [entry.rendered for entry in prepared if isinstance(entry, PreparedRecord)]
+
+
+def finish_records(
+    prepared: Sequence[PreparedRecord | BadRecord],
+    tokenized: Sequence[tuple[np.ndarray, np.ndarray]],
+    chat: ChatTokenizer,
+    options: EncodeOptions,
+) -> list[EncodedRecord | BadRecord]:
+    """Attach teacher arrays, validate and apply the length limit, in input order."""
+    tokenized_iter = iter(tokenized)
+    return [
+        (
+            entry
+            if isinstance(entry, BadRecord)
+            else _to_trace(entry.location, entry.record, next(tokenized_iter), options, chat)
+        )
+        for entry in prepared
+    ]
+
+
+def encode_records(
+    raw_records: Sequence[RawRecord], chat: ChatTokenizer, options: EncodeOptions
+) -> list[EncodedRecord | BadRecord]:
+    """All three steps in this process: prepare, tokenize, finish."""
+    prepared = prepare_records(raw_records, chat, options)
+    tokenized = tokenize_rendered(chat.tokenizer.backend_tokenizer, rendered_of(prepared))
+    return finish_records(prepared, tokenized, chat, options)
 
 
 def _to_trace(
     location: RecordLocation,
     record: ParsedRecord,
-    encoding: tuple[np.ndarray, np.ndarray] | BadRecord,
+    tokenized: tuple[np.ndarray, np.ndarray],
     options: EncodeOptions,
-    tokenizer: ChatTokenizer,
+    chat: ChatTokenizer,
 ) -> EncodedRecord | BadRecord:
-    if isinstance(encoding, BadRecord):
-        return encoding
-    tokens, loss_mask = encoding
+    tokens, loss_mask = tokenized
     try:
         trace = Trace(tokens=tokens, loss_mask=loss_mask)
         if options.keep_record_teacher and record.teacher_logprobs is not None:
-            _attach_teacher(trace, record, tokenizer)
+            _attach_teacher(trace, record, chat)
         validate_trace(trace)
     except (RecordError, TraceFormatError) as error:
         return BadRecord(location, f"{location}: {error}", malformed_json=False)

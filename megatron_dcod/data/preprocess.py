@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from collections import Counter, deque
+from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, replace
 from itertools import chain, islice
@@ -26,8 +27,18 @@ from typing import Any, Iterable, Iterator
 from tqdm import tqdm
 
 from megatron_dcod.config import PreprocessConfig
-from megatron_dcod.data.chat import ChatTokenizer
-from megatron_dcod.data.encode import BadRecord, EncodedRecord, EncodeOptions, encode_records
+import numpy as np
+
+from megatron_dcod.data.chat import ChatTokenizer, Rendered, tokenize_rendered
+from megatron_dcod.data.encode import (
+    BadRecord,
+    EncodedRecord,
+    EncodeOptions,
+    encode_records,
+    finish_records,
+    prepare_records,
+    rendered_of,
+)
 from megatron_dcod.data.records import RawRecord, iter_raw_records
 from megatron_dcod.data.trace_format import (
     FORMAT_VERSION,
@@ -146,40 +157,47 @@ def _topk_of(trace: Any) -> int:
 # ---------------------------------------------------------------------------------------------
 # Records → encoded traces, in input order, in the main process or in a pool of workers.
 
-_worker_tokenizer: ChatTokenizer | None = None
-_worker_options: EncodeOptions | None = None
+_worker_tokenizer: Any = None  # a tokenizers.Tokenizer: workers never import transformers
 
 
-def _start_worker(tokenizer_dir: str, options: EncodeOptions) -> None:
-    global _worker_tokenizer, _worker_options
+def _start_worker(tokenizer_json: str) -> None:
+    global _worker_tokenizer
     os.environ.setdefault("RAYON_RS_NUM_CPUS", "1")  # one core per worker: N workers, N cores
-    _worker_tokenizer, _worker_options = ChatTokenizer(tokenizer_dir), options
+    from tokenizers import Tokenizer
+
+    _worker_tokenizer = Tokenizer.from_str(tokenizer_json)
 
 
-def _encode_in_worker(chunk: list[RawRecord]) -> list[EncodedRecord | BadRecord]:
-    return encode_records(chunk, _worker_tokenizer, _worker_options)
+def _tokenize_in_worker(rendered: list[Rendered]) -> list[tuple[np.ndarray, np.ndarray]]:
+    return tokenize_rendered(_worker_tokenizer, rendered)
 
 
 def _encoded(
-    config: PreprocessConfig, tokenizer: ChatTokenizer, options: EncodeOptions
+    config: PreprocessConfig, chat: ChatTokenizer, options: EncodeOptions
 ) -> Iterator[list[EncodedRecord | BadRecord]]:
-    """Chunks of encoded records, in input order."""
+    """Chunks of encoded records, in input order. With workers, the main process parses and
+    renders the next chunks while the workers tokenize earlier ones."""
     records = chain.from_iterable(iter_raw_records(path, config.split) for path in config.inputs)
     chunks = iter(lambda: list(islice(records, RECORDS_PER_CHUNK)), [])
     if config.workers <= 1:
         for chunk in chunks:
-            yield encode_records(chunk, tokenizer, options)
+            yield encode_records(chunk, chat, options)
         return
-    # spawn, not fork: the parent may hold torch / tokenizer thread pools that fork would break
+    # spawn, not fork: the parent may hold torch / tokenizer thread pools that fork would break;
+    # an executor, not a Pool: a worker that dies fails the run instead of hanging it
+    tokenizer_json = chat.tokenizer.backend_tokenizer.to_str()
     context = multiprocessing.get_context("spawn")
-    with context.Pool(config.workers, _start_worker, (config.tokenizer, options)) as pool:
-        in_flight: deque = deque()
+    with ProcessPoolExecutor(config.workers, context, _start_worker, (tokenizer_json,)) as pool:
+        in_flight: deque[tuple[list, Future]] = deque()
         for chunk in chunks:
-            in_flight.append(pool.apply_async(_encode_in_worker, (chunk,)))
+            prepared = prepare_records(chunk, chat, options)
+            in_flight.append((prepared, pool.submit(_tokenize_in_worker, rendered_of(prepared))))
             if len(in_flight) >= CHUNKS_IN_FLIGHT_PER_WORKER * config.workers:
-                yield in_flight.popleft().get()
+                prepared, tokenized = in_flight.popleft()
+                yield finish_records(prepared, tokenized.result(), chat, options)
         while in_flight:
-            yield in_flight.popleft().get()
+            prepared, tokenized = in_flight.popleft()
+            yield finish_records(prepared, tokenized.result(), chat, options)
 
 
 # ---------------------------------------------------------------------------------------------
