@@ -183,3 +183,64 @@ def test_messages_records_multi_turn(tmp_path, tokenizer_dir):
     mask = dataset[0].loss_mask.tolist()
     runs = sum(1 for a, b in zip([0] + mask, mask) if b and not a)
     assert runs == 2
+
+
+def tiny_llama(directory, vocab_size, seed):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def test_scoring_with_teacher_and_reference_models(
+    tmp_path, tokenizer_dir, chat_tokenizer, teacher_records
+):
+    from megatron_dcod.config import ScoringConfig
+    from megatron_dcod.scoring.hf_scorer import CausalLMScorer
+
+    vocab = len(chat_tokenizer.tokenizer)
+    teacher = tiny_llama(tmp_path / "teacher", vocab, seed=1)
+    ref = tiny_llama(tmp_path / "ref", vocab, seed=2)
+    source = write_jsonl(tmp_path / "t.jsonl", teacher_records)  # their log-probs get replaced
+    scoring = ScoringConfig(teacher_model=str(teacher), ref_model=str(ref), topk=2, batch_tokens=64)
+    meta, dataset = build(tmp_path, [source], tokenizer_dir, scoring=scoring)
+    assert meta["teacher_logprobs_from"] == "model"
+    assert dataset.meta["arrays"] == [
+        "tokens",
+        "loss_mask",
+        "teacher_logprobs",
+        "teacher_topk_ids",
+        "teacher_topk_logprobs",
+        "ref_logprobs",
+    ]
+    traces = [dataset[i] for i in range(len(dataset))]
+    inputs = [(trace.tokens, trace.loss_mask) for trace in traces]
+    expected_teacher = CausalLMScorer(teacher, topk=2).score(inputs)
+    expected_ref = CausalLMScorer(ref).score(inputs)
+    for trace, by_teacher, by_ref in zip(traces, expected_teacher, expected_ref):
+        np.testing.assert_allclose(trace.teacher_logprobs, by_teacher.logprobs, atol=1e-6)
+        np.testing.assert_array_equal(trace.teacher_topk_ids, by_teacher.topk_ids)
+        np.testing.assert_allclose(trace.ref_logprobs, by_ref.logprobs, atol=1e-6)
+        assert (trace.teacher_logprobs[trace.loss_mask == 1] < 0).all()
+
+
+def test_scoring_model_with_a_smaller_vocabulary(
+    tmp_path, tokenizer_dir, chat_tokenizer, teacher_records
+):
+    from megatron_dcod.config import ScoringConfig
+
+    small = tiny_llama(tmp_path / "small", len(chat_tokenizer.tokenizer) - 1, seed=0)
+    source = write_jsonl(tmp_path / "t.jsonl", teacher_records)
+    with pytest.raises(ValueError, match="must share the vocabulary"):
+        build(tmp_path, [source], tokenizer_dir, scoring=ScoringConfig(teacher_model=str(small)))
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

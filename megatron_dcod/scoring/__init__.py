@@ -1,0 +1,1 @@
+"""Teacher and reference log-prob scoring with HF causal LMs."""
