@@ -26,6 +26,7 @@ setup(
         "pyarrow",
         "orjson",
         "tqdm",
+        "typing_extensions",
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],

@@ -1,0 +1,127 @@
+"""CPU mode: make megatron-core run on CPU (gloo) when CUDA is absent (DESIGN.md §3).
+
+megatron-core asks for CUDA in many places: buffers made with `device="cuda"` or
+`torch.cuda.current_device()`, `.cuda()` calls, the RNG tracker on the CUDA generator, streams,
+events and synchronizes. `apply_cpu_mode()` answers all of them without touching megatron-core:
+
+- a TorchFunctionMode, kept on the mode stack, rewrites every CUDA device argument (`"cuda"`,
+  `"cuda:0"`, `torch.device("cuda")`, a bare device index) to CPU and turns `Tensor.cuda()`
+  into a no-op;
+- `torch.cuda` reports one device, already initialized, and its RNG functions drive a stand-in
+  "CUDA" generator: a CPU `torch.Generator` of its own (not the CPU default generator), so that
+  megatron's tracker can seed, save and restore it independently of the CPU stream;
+- streams, events, synchronize and memory statistics become no-ops.
+
+Only applied when `torch.cuda.is_available()` is False; production runs take the normal
+CUDA/NCCL path untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from megatron_dcod.platform.compat import ensure_python_compat
+
+_applied = False
+_mode: "CudaToCpuMode | None" = None
+cuda_standin_generator = torch.Generator(device="cpu")
+"""Plays the CUDA default generator of device 0."""
+
+
+def _is_cuda(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int) and not isinstance(device, bool)  # an index means a GPU
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device requests in torch calls to CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func in (torch.Tensor.pin_memory, torch.Tensor.record_stream):
+            return args[0] if func is torch.Tensor.pin_memory else None
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if kwargs.pop("pin_memory", False):
+            pass  # pinned host memory needs CUDA; plain memory does the same job on CPU
+        if func is torch.Tensor.to:
+            args = tuple(
+                "cpu" if _is_cuda(arg) and not isinstance(arg, bool) else arg for arg in args
+            )
+        return func(*args, **kwargs)
+
+
+class _NoOpStream:
+    """Stands in for torch.cuda.Stream / Event: every method does nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.device = torch.device("cpu")
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, other: Any) -> float:
+        return 0.0
+
+
+def _manual_seed(seed: int) -> None:
+    cuda_standin_generator.manual_seed(int(seed))
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    cuda.is_initialized = lambda: True  # torch.cuda._lazy_call then runs callbacks at once
+    cuda.current_device = lambda: 0
+    cuda.device_count = lambda: 1
+    cuda.set_device = lambda device: None
+    cuda.synchronize = lambda device=None: None
+    cuda.get_device_capability = lambda device=None: (9, 0)
+    cuda.get_device_name = lambda device=None: "cpu (megatron-dcod CPU mode)"
+    cuda.Stream = cuda.Event = _NoOpStream
+    cuda.current_stream = cuda.default_stream = lambda device=None: _NoOpStream()
+    cuda.stream = lambda stream=None: contextlib.nullcontext()
+    cuda.device = lambda device=None: contextlib.nullcontext()
+    for name in (
+        "memory_allocated",
+        "max_memory_allocated",
+        "memory_reserved",
+        "max_memory_reserved",
+    ):
+        setattr(cuda, name, lambda device=None: 0)
+    cuda.empty_cache = lambda: None
+    cuda.reset_peak_memory_stats = lambda device=None: None
+    # RNG: the stand-in generator behind every torch.cuda RNG entry point
+    cuda.default_generators = (cuda_standin_generator,)
+    cuda.manual_seed = cuda.manual_seed_all = _manual_seed
+    cuda.get_rng_state = cuda.random.get_rng_state = (
+        lambda device="cuda": cuda_standin_generator.get_state()
+    )
+    cuda.set_rng_state = cuda.random.set_rng_state = (
+        lambda new_state, device="cuda": cuda_standin_generator.set_state(new_state)
+    )
+
+
+def apply_cpu_mode() -> bool:
+    """Make megatron-core run on CPU; a no-op (returning False) when CUDA is available."""
+    global _applied, _mode
+    ensure_python_compat()
+    if torch.cuda.is_available():
+        return False
+    if not _applied:
+        _patch_torch_cuda()
+        _mode = CudaToCpuMode()
+        _mode.__enter__()  # stays on the mode stack for the life of the process
+        _applied = True
+    return True
