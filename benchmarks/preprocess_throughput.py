@@ -36,9 +36,11 @@ from megatron_dcod.data.records import iter_raw_records, parse_record  # noqa: E
 from megatron_dcod.data.tiny_tokenizer import train_tiny_tokenizer  # noqa: E402
 from megatron_dcod.config import RecordFields  # noqa: E402
 
-WORDS = ("therefore we get so the value of then substitute into check that both sides equal "
-         "consider the case where let denote sum product remainder divisible by hence it "
-         "follows factor prime integer equation solve for wait let me verify again carefully").split()
+WORDS = (
+    "therefore we get so the value of then substitute into check that both sides equal "
+    "consider the case where let denote sum product remainder divisible by hence it "
+    "follows factor prime integer equation solve for wait let me verify again carefully"
+).split()
 
 
 def reasoning_step(rng: random.Random) -> str:
@@ -53,15 +55,23 @@ def make_record(rng: random.Random, tokenizer: ChatTokenizer, topk: int) -> dict
     steps = [reasoning_step(rng) for _ in range(rng.randint(60, 240))]
     response = "\n\n".join(steps) + f"\n\nThe answer is \\boxed{{{rng.randint(0, 999)}}}."
     messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-    (tokens, mask), = tokenizer.encode([messages])
+    ((tokens, mask),) = tokenizer.encode([messages])
     response_ids = tokens[mask.astype(bool)].tolist()
     logprobs = [round(-rng.expovariate(3.0), 6) for _ in response_ids]
-    record = {"prompt": prompt, "response": response, "teacher_token_ids": response_ids,
-              "teacher_logprobs": logprobs}
+    record = {
+        "prompt": prompt,
+        "response": response,
+        "teacher_token_ids": response_ids,
+        "teacher_logprobs": logprobs,
+    }
     if topk:
         record["teacher_topk"] = [
-            [{"id": rng.randrange(len(tokenizer.tokenizer)), "logprob": round(lp - r, 6)}
-             for r in range(topk)] for lp in logprobs]
+            [
+                {"id": rng.randrange(len(tokenizer.tokenizer)), "logprob": round(lp - r, 6)}
+                for r in range(topk)
+            ]
+            for lp in logprobs
+        ]
     return record
 
 
@@ -105,8 +115,13 @@ def raw_tokens_per_s(tokenizer_dir: Path, texts: list[str], workers: int) -> flo
 
 
 def end_to_end(corpus: Path, tokenizer_dir: Path, prefix: Path, workers: int) -> tuple:
-    config = PreprocessConfig(inputs=(str(corpus),), output_prefix=str(prefix),
-                              tokenizer=str(tokenizer_dir), workers=workers, overwrite=True)
+    config = PreprocessConfig(
+        inputs=(str(corpus),),
+        output_prefix=str(prefix),
+        tokenizer=str(tokenizer_dir),
+        workers=workers,
+        overwrite=True,
+    )
     started = time.perf_counter()
     meta = preprocess_traces(config)
     return meta["counts"]["tokens"] / (time.perf_counter() - started), meta
@@ -142,8 +157,11 @@ def main() -> None:
     for workers in (1, 2):
         raw = raw_tokens_per_s(tokenizer_dir, texts, workers)
         e2e, meta = end_to_end(corpus, tokenizer_dir, work / "out" / "plain", workers)
-        results[f"workers_{workers}"] = {"tokens_per_s": e2e, "raw_tokens_per_s": raw,
-                                         "ratio_to_raw": e2e / raw}
+        results[f"workers_{workers}"] = {
+            "tokens_per_s": e2e,
+            "raw_tokens_per_s": raw,
+            "ratio_to_raw": e2e / raw,
+        }
         print(f"{workers:>8} {raw:>12.0f} {e2e:>12.0f} {e2e / raw:>7.3f}")
     _, top8_meta = end_to_end(topk_corpus, tokenizer_dir, work / "out" / "top8", 2)
     results["tokens"] = meta["counts"]["tokens"]
@@ -153,8 +171,11 @@ def main() -> None:
     }
     print(f"bytes per token on disk: {results['bytes_per_token']}")
     best = results["workers_2"]
-    results.update(tokens_per_s=best["tokens_per_s"], raw_tokens_per_s=best["raw_tokens_per_s"],
-                   ratio_to_raw=min(results[f"workers_{w}"]["ratio_to_raw"] for w in (1, 2)))
+    results.update(
+        tokens_per_s=best["tokens_per_s"],
+        raw_tokens_per_s=best["raw_tokens_per_s"],
+        ratio_to_raw=min(results[f"workers_{w}"]["ratio_to_raw"] for w in (1, 2)),
+    )
     print(json.dumps(results))
 
 

@@ -31,6 +31,12 @@ def add_preprocess_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="skip malformed or invalid records (counted in meta.json)",
     )
     io.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    io.add_argument(
+        "--shard-records",
+        type=int,
+        default=10000,
+        help="records per resumable shard (an interrupted run resumes after the last)",
+    )
 
     length = parser.add_argument_group("length")
     length.add_argument("--max-seq-length", type=int, default=None, help="longest trace kept")
@@ -76,8 +82,8 @@ def preprocess_config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         raise ValueError("--score-topk needs --score-with")
     if args.max_seq_length is not None and args.max_seq_length < 2:
         raise ValueError("--max-seq-length must be at least 2")
-    if args.workers < 1:
-        raise ValueError("--workers must be at least 1")
+    if args.workers < 1 or args.shard_records < 1:
+        raise ValueError("--workers and --shard-records must be at least 1")
     fields = RecordFields(**{name: getattr(args, f"{name}_field") for name in vars(RecordFields())})
     return PreprocessConfig(
         inputs=tuple(args.input),
@@ -88,6 +94,7 @@ def preprocess_config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         max_seq_length=args.max_seq_length,
         overlong=args.overlong,
         workers=args.workers,
+        shard_records=args.shard_records,
         skip_bad=args.skip_bad,
         overwrite=args.overwrite,
         scoring=ScoringConfig(

@@ -64,6 +64,8 @@ class PreprocessConfig:
     """What to do with a longer trace: "truncate" (keep its head) or "drop"."""
     workers: int = 1
     """Tokenizer processes (1: tokenize in the main process)."""
+    shard_records: int = 10000
+    """Records per resumable shard: an interrupted run resumes after the last finished shard."""
     skip_bad: bool = False
     """Skip malformed or invalid records (counted in meta.json) instead of failing."""
     overwrite: bool = False

@@ -8,16 +8,24 @@ the caller decides between failing and skipping.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from itertools import chain, islice
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from megatron_dcod.config import RecordFields
+from megatron_dcod.config import PreprocessConfig, RecordFields
 from megatron_dcod.data.chat import ChatTemplateError, ChatTokenizer, Rendered, tokenize_rendered
 from megatron_dcod.data.records import ParsedRecord, RawRecord, RecordError, RecordLocation
-from megatron_dcod.data.records import parse_record
+from megatron_dcod.data.records import iter_raw_records, parse_record
 from megatron_dcod.data.trace_format import Trace, TraceFormatError, validate_trace
+
+RECORDS_PER_CHUNK = 64  # records a worker tokenizes in one batched call
+CHUNKS_IN_FLIGHT_PER_WORKER = 2  # bounds memory: the reader never runs far ahead
 
 
 @dataclass(frozen=True)
@@ -174,3 +182,112 @@ def _apply_length_limit(
     if not trace.loss_mask.any():
         return EncodedRecord(location, None, None, "dropped_truncated_to_no_target")
     return EncodedRecord(location, trace, sidecar, "truncated")
+
+
+# ---------------------------------------------------------------------------------------------
+# Records → encoded traces, in input order, in the main process or in a pool of workers.
+
+_worker_tokenizer: Any = None  # a tokenizers.Tokenizer: workers never import transformers
+
+
+def _start_worker(tokenizer_json: str) -> None:
+    global _worker_tokenizer
+    os.environ.setdefault("RAYON_RS_NUM_CPUS", "1")  # one core per worker: N workers, N cores
+    from tokenizers import Tokenizer
+
+    _worker_tokenizer = Tokenizer.from_str(tokenizer_json)
+
+
+def _tokenize_in_worker(rendered: list[Rendered]) -> list[tuple[np.ndarray, np.ndarray]]:
+    return tokenize_rendered(_worker_tokenizer, rendered)
+
+
+def encoded_chunks(
+    config: PreprocessConfig, chat: ChatTokenizer, options: EncodeOptions, skip_records: int = 0
+) -> Iterator[list[EncodedRecord | BadRecord]]:
+    """Chunks of encoded records, in input order. With workers, the main process parses and
+    renders the next chunks while the workers tokenize earlier ones."""
+    records = chain.from_iterable(iter_raw_records(path, config.split) for path in config.inputs)
+    records = islice(records, skip_records, None)  # resuming: those are in finished shards
+    chunks = iter(lambda: list(islice(records, RECORDS_PER_CHUNK)), [])
+    if config.workers <= 1:
+        for chunk in chunks:
+            yield encode_records(chunk, chat, options)
+        return
+    # spawn, not fork: the parent may hold torch / tokenizer thread pools that fork would break;
+    # an executor, not a Pool: a worker that dies fails the run instead of hanging it
+    tokenizer_json = chat.tokenizer.backend_tokenizer.to_str()
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(config.workers, context, _start_worker, (tokenizer_json,)) as pool:
+        in_flight: deque[tuple[list, Future]] = deque()
+        for chunk in chunks:
+            prepared = prepare_records(chunk, chat, options)
+            in_flight.append((prepared, pool.submit(_tokenize_in_worker, rendered_of(prepared))))
+            if len(in_flight) >= CHUNKS_IN_FLIGHT_PER_WORKER * config.workers:
+                prepared, tokenized = in_flight.popleft()
+                yield finish_records(prepared, tokenized.result(), chat, options)
+        while in_flight:
+            prepared, tokenized = in_flight.popleft()
+            yield finish_records(prepared, tokenized.result(), chat, options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Teacher / reference scoring with HF causal LMs.
+
+
+def load_scorers(config: PreprocessConfig, tokenizer: ChatTokenizer) -> dict[str, Any]:
+    scoring = config.scoring
+    models = {"teacher": scoring.teacher_model, "ref": scoring.ref_model}
+    if not any(models.values()):
+        return {}
+    from megatron_dcod.scoring.hf_scorer import CausalLMScorer
+
+    return {
+        role: CausalLMScorer(
+            model_dir,
+            device=scoring.device,
+            dtype=scoring.dtype,
+            batch_tokens=scoring.batch_tokens,
+            topk=scoring.topk if role == "teacher" else 0,
+            min_vocab_size=len(tokenizer.tokenizer),
+        )
+        for role, model_dir in models.items()
+        if model_dir
+    }
+
+
+def scored_chunks(
+    chunks: Iterable[list[EncodedRecord | BadRecord]],
+    scorers: dict[str, Any],
+    config: PreprocessConfig,
+) -> Iterator[list[EncodedRecord | BadRecord]]:
+    """Attach model log-probs to the traces; scoring pools several chunks to batch by length."""
+    if not scorers:
+        yield from chunks
+        return
+    pooled: list[EncodedRecord | BadRecord] = []
+    for chunk in chain(chunks, [None]):
+        if chunk is not None:
+            pooled += chunk
+        pooled_tokens = sum(len(e.trace.tokens) for e in pooled if _has_trace(e))
+        if chunk is None or pooled_tokens >= 8 * config.scoring.batch_tokens:
+            _score(pooled, scorers)
+            yield pooled
+            pooled = []
+
+
+def _has_trace(encoded: EncodedRecord | BadRecord) -> bool:
+    return isinstance(encoded, EncodedRecord) and encoded.trace is not None
+
+
+def _score(pooled: list[EncodedRecord | BadRecord], scorers: dict[str, Any]) -> None:
+    traces = [encoded.trace for encoded in pooled if _has_trace(encoded)]
+    inputs = [(trace.tokens, trace.loss_mask) for trace in traces]
+    if "teacher" in scorers:
+        for trace, scored in zip(traces, scorers["teacher"].score(inputs)):
+            trace.teacher_logprobs = scored.logprobs
+            trace.teacher_topk_ids = scored.topk_ids
+            trace.teacher_topk_logprobs = scored.topk_logprobs
+    if "ref" in scorers:
+        for trace, scored in zip(traces, scorers["ref"].score(inputs)):
+            trace.ref_logprobs = scored.logprobs

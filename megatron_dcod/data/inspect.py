@@ -6,10 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from megatron_dcod.data.trace_format import TraceDataset
+from megatron_dcod.data.trace_format import SOURCE_NAMES, TraceDataset
 
 PERCENTILES = (1, 10, 50, 90, 99)
-SOURCE_NAMES = {0: "prompt", 1: "student", 2: "teacher"}
 
 
 def format_trace(

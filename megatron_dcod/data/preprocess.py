@@ -1,10 +1,12 @@
 """tools/preprocess_traces.py: teacher-trace records in, one trace dataset (DESIGN.md §4) out.
 
-    read records (main process) ─► parse + chat template + tokenize + align (N workers, in order)
-        ─► [score with HF models, batched] ─► TraceDatasetWriter (temporary names, renamed at end)
+    read, parse, render (main) ─► tokenize (N workers) ─► align, check (main)
+        ─► [score with HF models] ─► shard datasets ─► merged dataset, renamed into place
 
-Rerunning with the same inputs, tokenizer and arguments finds the finished dataset and does
-nothing; anything else at the prefix is only replaced with --overwrite.
+Resumable: records are written in shards of `shard_records` into a hidden work dir beside the
+prefix; an interrupted run, rerun with the same command, skips the records of finished shards.
+Bad input (deterministic) removes the work dir; nothing is ever left at the prefix itself.
+Rerunning a finished build is a no-op; another build at the prefix needs --overwrite.
 """
 
 from __future__ import annotations
@@ -12,55 +14,48 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing
-import os
+import shutil
 import threading
-import time
-from collections import Counter, deque
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections import Counter
 from contextlib import ExitStack
 from dataclasses import asdict, replace
 from itertools import chain, islice
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 from tqdm import tqdm
 
+import megatron_dcod
 from megatron_dcod.config import PreprocessConfig
-import numpy as np
-
-from megatron_dcod.data.chat import ChatTokenizer, Rendered, tokenize_rendered
+from megatron_dcod.data.chat import ChatTokenizer
 from megatron_dcod.data.encode import (
     BadRecord,
     EncodedRecord,
     EncodeOptions,
-    encode_records,
-    finish_records,
-    prepare_records,
-    rendered_of,
+    encoded_chunks,
+    load_scorers,
+    scored_chunks,
 )
-from megatron_dcod.data.records import RawRecord, iter_raw_records
 from megatron_dcod.data.trace_format import (
     FORMAT_VERSION,
     TraceDatasetWriter,
     TraceFormatError,
     meta_path,
-    preload_indexed_dataset,
+    indexed_dataset_module,
     read_meta,
 )
 
 logger = logging.getLogger(__name__)
 
-RECORDS_PER_CHUNK = 64  # records a worker tokenizes in one batched call
-CHUNKS_IN_FLIGHT_PER_WORKER = 2  # bounds memory: the reader never runs far ahead
 MAX_BAD_RECORDS_LOGGED = 10
+INPUT_ERRORS = (ValueError, FileNotFoundError)  # bad input: rerunning cannot help
 
 
 def preprocess_traces(config: PreprocessConfig, command: str = "") -> dict[str, Any]:
-    """Build the dataset described by `config`; return its meta.json contents."""
-    tokenizer = ChatTokenizer(config.tokenizer)
+    """Build (or resume building) the dataset described by `config`; return its meta.json."""
+    chat = ChatTokenizer(config.tokenizer)
     inputs = [_describe_input(path) for path in config.inputs]
-    build_key = _build_key(config, inputs, tokenizer)
+    build_key = _build_key(config, inputs, chat)
     if meta_path(config.output_prefix).exists() and not config.overwrite:
         existing = read_meta(config.output_prefix)
         if existing.get("build_key") == build_key:
@@ -71,62 +66,126 @@ def preprocess_traces(config: PreprocessConfig, command: str = "") -> dict[str, 
             "pass --overwrite to replace it"
         )
     # the writer needs megatron-core only at the first trace: import it while workers start
-    threading.Thread(target=preload_indexed_dataset, daemon=True).start()
-    scorers = _load_scorers(config, tokenizer)
+    threading.Thread(target=indexed_dataset_module, daemon=True).start()
+    work = _WorkDir(config.output_prefix, build_key)
+    meta = {
+        "tokenizer": asdict(chat.fingerprint),
+        "teacher_logprobs_from": "model" if config.scoring.teacher_model else "records",
+        "inputs": inputs,
+        "command": command,
+        "config": asdict(config),
+        "build_key": build_key,
+    }
+    try:
+        _write_shards(config, chat, work)
+        final_meta = _merge_shards(config, work, meta)
+    except INPUT_ERRORS:
+        work.remove()
+        raise
+    except BaseException:
+        logger.warning("interrupted: rerun the same command to resume from %s", work.path)
+        raise
+    work.remove()
+    logger.info("wrote %s: %s", config.output_prefix, final_meta["counts"])
+    return final_meta
+
+
+class _WorkDir:
+    """The hidden dir of one build: finished shard datasets and progress.json."""
+
+    def __init__(self, output_prefix: str, build_key: str):
+        prefix = Path(output_prefix)
+        self.path = prefix.parent / f".{prefix.name}.partial-{build_key[:16]}"
+        for stale in prefix.parent.glob(f".{prefix.name}.partial-*"):
+            if stale != self.path:  # another build's leftovers can never be resumed by this one
+                shutil.rmtree(stale, ignore_errors=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+        progress_file = self.path / "progress.json"
+        self.progress = json.loads(progress_file.read_text()) if progress_file.exists() else {}
+        self.progress.setdefault("shards", [])
+
+    def shard_prefix(self, index: int) -> Path:
+        return self.path / f"shard-{index:06d}"
+
+    def records_done(self) -> int:
+        return sum(shard["records"] for shard in self.progress["shards"])
+
+    def save(self) -> None:
+        temp = self.path / "progress.json.tmp"
+        temp.write_text(json.dumps(self.progress, indent=1))
+        temp.replace(self.path / "progress.json")
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _write_shards(config: PreprocessConfig, chat: ChatTokenizer, work: _WorkDir) -> None:
     options = EncodeOptions(
         fields=config.fields,
         max_seq_length=config.max_seq_length,
         overlong=config.overlong,
         keep_record_teacher=config.scoring.teacher_model is None,
     )
-    meta = {
-        "tokenizer": asdict(tokenizer.fingerprint),
-        "teacher_logprobs_from": "model" if scorers.get("teacher") else "records",
-        "inputs": inputs,
-        "command": command,
-        "config": asdict(config),
-        "build_key": build_key,
-    }
-    return _write_dataset(config, tokenizer, options, scorers, meta)
+    done = work.records_done()
+    if done:
+        logger.info("resuming after %d records (%d shards)", done, len(work.progress["shards"]))
+    scorers = load_scorers(config, chat)
+    chunks = scored_chunks(encoded_chunks(config, chat, options, done), scorers, config)
+    records = chain.from_iterable(chunks)
+    with tqdm(desc="preprocess", unit=" rec", initial=done, mininterval=1.0) as progress:
+        while True:
+            index = len(work.progress["shards"])
+            shard_records = islice(records, config.shard_records)
+            shard = _write_shard(shard_records, work.shard_prefix(index), config, work, progress)
+            if shard["records"] == 0:
+                return
+            work.progress["shards"].append(shard)
+            work.save()
 
 
-def _write_dataset(
+def _write_shard(
+    records: Iterator[EncodedRecord | BadRecord],
+    prefix: Path,
     config: PreprocessConfig,
-    tokenizer: ChatTokenizer,
-    options: EncodeOptions,
-    scorers: dict[str, Any],
-    meta: dict[str, Any],
+    work: _WorkDir,
+    progress: tqdm,
 ) -> dict[str, Any]:
+    """Write one shard dataset; return what progress.json records of it."""
     outcomes: Counter = Counter()
-    started, tokens_done = time.perf_counter(), 0
-    with ExitStack() as cleanup:  # an exception leaves nothing behind at the prefix
-        progress = cleanup.enter_context(tqdm(desc="preprocess", unit=" rec", mininterval=1.0))
-        writer: TraceDatasetWriter | None = None
-        for batch in _scored_batches(_encoded(config, tokenizer, options), scorers, config):
-            for encoded in batch:
-                outcomes["read"] += 1
-                if isinstance(encoded, BadRecord):
-                    _handle_bad_record(encoded, config.skip_bad, outcomes)
-                    continue
-                outcomes[encoded.outcome] += 1
-                if encoded.trace is None:
-                    continue
-                if writer is None:
-                    arrays, topk = encoded.trace.present_arrays(), _topk_of(encoded.trace)
-                    writer = cleanup.enter_context(
-                        TraceDatasetWriter(config.output_prefix, arrays, topk)
-                    )
-                _add_to_writer(writer, encoded, config.skip_bad, outcomes)
-                tokens_done += len(encoded.trace.tokens)
-            progress.update(len(batch))
-            elapsed = time.perf_counter() - started
-            progress.set_postfix(tokens_per_s=f"{tokens_done / elapsed:.3g}", refresh=False)
-        if writer is None:
-            raise ValueError(f"no trace to write: {dict(outcomes)}")
-        meta["records"] = {"read": outcomes.pop("read"), **dict(sorted(outcomes.items()))}
-        final_meta = writer.commit(meta)
-    logger.info("wrote %s: %s", config.output_prefix, final_meta["counts"])
-    return final_meta
+    writer: TraceDatasetWriter | None = None
+    with ExitStack() as cleanup:  # an exception deletes the shard's temporary files
+        for encoded in records:
+            outcomes["read"] += 1
+            progress.update()
+            if isinstance(encoded, BadRecord):
+                _handle_bad_record(encoded, config.skip_bad, outcomes)
+                continue
+            outcomes[encoded.outcome] += 1
+            if encoded.trace is None:
+                continue
+            if writer is None:
+                arrays = work.progress.setdefault("arrays", encoded.trace.present_arrays())
+                topk = work.progress.setdefault("topk", _topk_of(encoded.trace))
+                writer = cleanup.enter_context(TraceDatasetWriter(prefix, arrays, topk))
+            _add_to_writer(writer, encoded, config.skip_bad, outcomes)
+        if writer is not None:
+            writer.commit({})
+    read = outcomes.pop("read", 0)
+    return {"prefix": prefix.name if writer else None, "records": read, "outcomes": outcomes}
+
+
+def _merge_shards(config: PreprocessConfig, work: _WorkDir, meta: dict) -> dict[str, Any]:
+    shards = work.progress["shards"]
+    outcomes = sum((Counter(shard["outcomes"]) for shard in shards), Counter())
+    meta["records"] = {"read": work.records_done(), **dict(sorted(outcomes.items()))}
+    if "arrays" not in work.progress:
+        raise ValueError(f"no trace to write: {meta['records']}")
+    arrays, topk = work.progress["arrays"], work.progress["topk"]
+    with TraceDatasetWriter(config.output_prefix, arrays, topk) as writer:
+        for shard in shards:
+            if shard["prefix"]:
+                writer.add_dataset(work.path / shard["prefix"])
+        return writer.commit(meta)
 
 
 def _handle_bad_record(bad: BadRecord, skip_bad: bool, outcomes: Counter) -> None:
@@ -152,114 +211,6 @@ def _add_to_writer(
 
 def _topk_of(trace: Any) -> int:
     return 0 if trace.teacher_topk_ids is None else int(trace.teacher_topk_ids.shape[1])
-
-
-# ---------------------------------------------------------------------------------------------
-# Records → encoded traces, in input order, in the main process or in a pool of workers.
-
-_worker_tokenizer: Any = None  # a tokenizers.Tokenizer: workers never import transformers
-
-
-def _start_worker(tokenizer_json: str) -> None:
-    global _worker_tokenizer
-    os.environ.setdefault("RAYON_RS_NUM_CPUS", "1")  # one core per worker: N workers, N cores
-    from tokenizers import Tokenizer
-
-    _worker_tokenizer = Tokenizer.from_str(tokenizer_json)
-
-
-def _tokenize_in_worker(rendered: list[Rendered]) -> list[tuple[np.ndarray, np.ndarray]]:
-    return tokenize_rendered(_worker_tokenizer, rendered)
-
-
-def _encoded(
-    config: PreprocessConfig, chat: ChatTokenizer, options: EncodeOptions
-) -> Iterator[list[EncodedRecord | BadRecord]]:
-    """Chunks of encoded records, in input order. With workers, the main process parses and
-    renders the next chunks while the workers tokenize earlier ones."""
-    records = chain.from_iterable(iter_raw_records(path, config.split) for path in config.inputs)
-    chunks = iter(lambda: list(islice(records, RECORDS_PER_CHUNK)), [])
-    if config.workers <= 1:
-        for chunk in chunks:
-            yield encode_records(chunk, chat, options)
-        return
-    # spawn, not fork: the parent may hold torch / tokenizer thread pools that fork would break;
-    # an executor, not a Pool: a worker that dies fails the run instead of hanging it
-    tokenizer_json = chat.tokenizer.backend_tokenizer.to_str()
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(config.workers, context, _start_worker, (tokenizer_json,)) as pool:
-        in_flight: deque[tuple[list, Future]] = deque()
-        for chunk in chunks:
-            prepared = prepare_records(chunk, chat, options)
-            in_flight.append((prepared, pool.submit(_tokenize_in_worker, rendered_of(prepared))))
-            if len(in_flight) >= CHUNKS_IN_FLIGHT_PER_WORKER * config.workers:
-                prepared, tokenized = in_flight.popleft()
-                yield finish_records(prepared, tokenized.result(), chat, options)
-        while in_flight:
-            prepared, tokenized = in_flight.popleft()
-            yield finish_records(prepared, tokenized.result(), chat, options)
-
-
-# ---------------------------------------------------------------------------------------------
-# Teacher / reference scoring with HF causal LMs.
-
-
-def _load_scorers(config: PreprocessConfig, tokenizer: ChatTokenizer) -> dict[str, Any]:
-    scoring = config.scoring
-    models = {"teacher": scoring.teacher_model, "ref": scoring.ref_model}
-    if not any(models.values()):
-        return {}
-    from megatron_dcod.scoring.hf_scorer import CausalLMScorer
-
-    return {
-        role: CausalLMScorer(
-            model_dir,
-            device=scoring.device,
-            dtype=scoring.dtype,
-            batch_tokens=scoring.batch_tokens,
-            topk=scoring.topk if role == "teacher" else 0,
-            min_vocab_size=len(tokenizer.tokenizer),
-        )
-        for role, model_dir in models.items()
-        if model_dir
-    }
-
-
-def _scored_batches(
-    chunks: Iterable[list[EncodedRecord | BadRecord]],
-    scorers: dict[str, Any],
-    config: PreprocessConfig,
-) -> Iterator[list[EncodedRecord | BadRecord]]:
-    """Attach model log-probs to the traces; scoring pools several chunks to batch by length."""
-    if not scorers:
-        yield from chunks
-        return
-    pooled: list[EncodedRecord | BadRecord] = []
-    for chunk in chain(chunks, [None]):
-        if chunk is not None:
-            pooled += chunk
-        pooled_tokens = sum(len(e.trace.tokens) for e in pooled if _has_trace(e))
-        if chunk is None or pooled_tokens >= 8 * config.scoring.batch_tokens:
-            _score(pooled, scorers)
-            yield pooled
-            pooled = []
-
-
-def _has_trace(encoded: EncodedRecord | BadRecord) -> bool:
-    return isinstance(encoded, EncodedRecord) and encoded.trace is not None
-
-
-def _score(pooled: list[EncodedRecord | BadRecord], scorers: dict[str, Any]) -> None:
-    traces = [encoded.trace for encoded in pooled if _has_trace(encoded)]
-    inputs = [(trace.tokens, trace.loss_mask) for trace in traces]
-    if "teacher" in scorers:
-        for trace, scored in zip(traces, scorers["teacher"].score(inputs)):
-            trace.teacher_logprobs = scored.logprobs
-            trace.teacher_topk_ids = scored.topk_ids
-            trace.teacher_topk_logprobs = scored.topk_logprobs
-    if "ref" in scorers:
-        for trace, scored in zip(traces, scorers["ref"].score(inputs)):
-            trace.ref_logprobs = scored.logprobs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,10 +244,13 @@ def _describe_model_dir(model_dir: str | None) -> list | None:
 
 
 def _build_key(config: PreprocessConfig, inputs: list[dict], tokenizer: ChatTokenizer) -> str:
-    """Hash of everything the dataset's contents depend on (not of workers or --overwrite)."""
+    """Hash of everything the dataset's contents depend on (not of workers or --overwrite).
+
+    Shard size is included: a resumed build must cut the records where the first run did."""
     relevant = replace(config, workers=1, overwrite=False)
     described = {
         "format_version": FORMAT_VERSION,
+        "code_version": megatron_dcod.__version__,
         "config": asdict(relevant),
         "inputs": [entry["sha256"] for entry in inputs],
         "tokenizer": asdict(tokenizer.fingerprint),

@@ -18,16 +18,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import uuid
 import warnings
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import numpy as np
 
 FORMAT_VERSION = 1
+# megatron-core warns on every index it opens outside torch.distributed; a data tool has no rank
+warnings.filterwarnings("ignore", message="Could not determine rank", category=UserWarning)
 META_SUFFIX = ".meta.json"
 SIDECAR_SUFFIX = ".sidecar.jsonl"
 
@@ -62,7 +64,7 @@ ARRAY_SPECS: dict[str, ArraySpec] = {
 }
 REQUIRED_ARRAYS = ("tokens", "loss_mask")
 LOGPROB_ARRAYS = ("teacher_logprobs", "teacher_topk_logprobs", "ref_logprobs")
-SOURCE_PROMPT, SOURCE_STUDENT, SOURCE_TEACHER = 0, 1, 2
+SOURCE_NAMES = {0: "prompt", 1: "student", 2: "teacher"}  # values of the `source` array
 
 
 @dataclass
@@ -109,10 +111,8 @@ def _check_logprobs(name: str, logprobs: np.ndarray) -> None:
     bad = ~np.isfinite(logprobs) | (logprobs > 0)
     if bad.any():
         position = int(np.argwhere(bad)[0][0])
-        value = logprobs.reshape(len(logprobs), -1)[position]
-        raise TraceFormatError(
-            f"{name} at token {position} is {value.tolist()}: log-probs must be finite and <= 0"
-        )
+        value = logprobs[position].tolist()
+        raise TraceFormatError(f"{name} at token {position} is {value}: must be finite and <= 0")
 
 
 @dataclass(frozen=True)
@@ -178,14 +178,13 @@ class TraceDatasetWriter:
         self.topk = topk
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
         self._temp_prefix = self.prefix.parent / f".{self.prefix.name}.partial-{uuid.uuid4().hex}"
-        with _quiet_megatron() as indexed_dataset:
-            self._builders = {
-                name: indexed_dataset.IndexedDatasetBuilder(
-                    array_path_prefix(self._temp_prefix, name) + ".bin",
-                    ARRAY_SPECS[name].storage_dtype,
-                )
-                for name in self.arrays
-            }
+        builder = indexed_dataset_module().IndexedDatasetBuilder
+        self._builders = {
+            name: builder(
+                array_path_prefix(self._temp_prefix, name) + ".bin", ARRAY_SPECS[name].storage_dtype
+            )
+            for name in self.arrays
+        }
         self._sidecar = open(f"{self._temp_prefix}{SIDECAR_SUFFIX}", "w", encoding="utf-8")
         self._committing = False
         self.stats = _RunningStats()
@@ -213,6 +212,17 @@ class TraceDatasetWriter:
             builder.end_document()
         self._sidecar.write(json.dumps(sidecar or {}, ensure_ascii=False) + "\n")
         self.stats.add(trace)
+
+    def add_dataset(self, prefix: str | os.PathLike) -> None:
+        """Append every trace of a finished dataset with the same arrays (a resumable shard)."""
+        dataset = TraceDataset(prefix)
+        if tuple(dataset.meta["arrays"]) != self.arrays or dataset.topk != self.topk:
+            raise TraceFormatError(f"{prefix}: arrays / top-k differ from {self.arrays}")
+        for name, builder in self._builders.items():
+            builder.add_index(array_path_prefix(prefix, name))  # copies .bin, extends the index
+        with open(f"{prefix}{SIDECAR_SUFFIX}", encoding="utf-8") as sidecar:
+            shutil.copyfileobj(sidecar, self._sidecar)
+        self.stats.add_dataset(dataset)
 
     def commit(self, meta: dict[str, Any]) -> dict[str, Any]:
         """Finish the index files, write meta.json and move the dataset into place."""
@@ -252,20 +262,14 @@ class TraceDatasetWriter:
             remove_dataset(self.prefix)
 
 
-@contextmanager
-def _quiet_megatron() -> Iterator[Any]:
-    """megatron-core's indexed dataset module, without its "no TE/Apex" and "no rank" warnings."""
+def indexed_dataset_module() -> Any:
+    """megatron-core's indexed dataset module, imported without its "no TE/Apex" warnings.
+
+    The import takes seconds: preprocessing calls this in a background thread at start-up."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from megatron.core.datasets import indexed_dataset
-
-        yield indexed_dataset
-
-
-def preload_indexed_dataset() -> None:
-    """Import megatron-core's indexed dataset now (it takes seconds); for a background thread."""
-    with _quiet_megatron():
-        pass
+    return indexed_dataset
 
 
 def remove_dataset(prefix: str | os.PathLike) -> None:
@@ -290,9 +294,18 @@ class _RunningStats:
             logprob_sum = float(trace.teacher_logprobs[supervised].sum(dtype=np.float64))
             self.teacher_logprob_sum = (self.teacher_logprob_sum or 0.0) + logprob_sum
 
+    def add_dataset(self, dataset: "TraceDataset") -> None:
+        self.lengths.extend(dataset.lengths.tolist())
+        supervised = dataset.meta["counts"]["supervised_tokens"]
+        self.supervised_tokens += supervised
+        mean_logprob = dataset.meta["stats"]["teacher_logprob_mean"]
+        if mean_logprob is not None:
+            self.teacher_logprob_sum = (self.teacher_logprob_sum or 0.0) + mean_logprob * supervised
+
     def summary(self) -> dict[str, Any]:
         lengths = np.asarray(self.lengths, dtype=np.int64)
-        edges = [0] + [2**p for p in range(4, 40) if 2 ** (p - 1) <= max(lengths.max(initial=1), 1)]
+        longest = max(int(lengths.max(initial=0)), 16)
+        edges = [0] + [2**p for p in range(4, longest.bit_length() + 1)]  # 0, 16, 32, ...
         counts, _ = np.histogram(lengths, bins=edges + [np.iinfo(np.int64).max])
         mean_logprob = None
         if self.teacher_logprob_sum is not None:
@@ -343,11 +356,10 @@ class TraceDataset:
         if tokenizer is not None:
             check_tokenizer(self.meta, tokenizer, self.prefix)
         self.topk = int(self.meta["topk"])
-        with _quiet_megatron() as indexed_dataset:
-            self._arrays = {
-                name: indexed_dataset.IndexedDataset(array_path_prefix(prefix, name))
-                for name in self.meta["arrays"]
-            }
+        indexed_dataset = indexed_dataset_module().IndexedDataset
+        self._arrays = {
+            name: indexed_dataset(array_path_prefix(prefix, name)) for name in self.meta["arrays"]
+        }
         self.lengths = self._arrays["tokens"].sequence_lengths  # [n] int32
         for name, array in self._arrays.items():
             width = self.topk if ARRAY_SPECS[name].per_token == "topk" else 1

@@ -244,3 +244,67 @@ def test_scoring_model_with_a_smaller_vocabulary(
     with pytest.raises(ValueError, match="must share the vocabulary"):
         build(tmp_path, [source], tokenizer_dir, scoring=ScoringConfig(teacher_model=str(small)))
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_interrupted_build_resumes_where_it_stopped(
+    tmp_path, tokenizer_dir, teacher_records, monkeypatch
+):
+    from megatron_dcod.data.trace_format import TraceDatasetWriter
+
+    source = write_jsonl(tmp_path / "t.jsonl", teacher_records)  # 12 records, shards of 5
+    build(tmp_path, [source], tokenizer_dir, name="straight", shard_records=5)
+    original_add, added = TraceDatasetWriter.add, []
+
+    def add_then_interrupt(self, trace, sidecar=None):
+        if len(added) == 7:  # in the middle of the second shard
+            raise KeyboardInterrupt
+        added.append(trace)
+        return original_add(self, trace, sidecar)
+
+    monkeypatch.setattr(TraceDatasetWriter, "add", add_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        build(tmp_path, [source], tokenizer_dir, name="resumed", shard_records=5)
+    out = tmp_path / "out"
+    assert not list(out.glob("resumed*"))  # nothing at the prefix
+    (work,) = out.glob(".resumed.partial-*")
+    progress = json.loads((work / "progress.json").read_text())
+    assert [shard["records"] for shard in progress["shards"]] == [5]
+    assert sorted(p.name for p in work.iterdir() if "partial" in p.name) == []  # shard 2 cleaned
+    first_shard = work / "shard-000000_tokens.bin"
+    written_at = first_shard.stat().st_mtime_ns
+
+    added.clear()
+    monkeypatch.setattr(
+        TraceDatasetWriter,
+        "add",
+        lambda self, trace, sidecar=None: (added.append(trace), original_add(self, trace, sidecar))[
+            1
+        ],
+    )
+    monkeypatch.setattr(TraceDatasetWriter, "add_dataset", _watch_shards(first_shard, written_at))
+    meta, _ = build(tmp_path, [source], tokenizer_dir, name="resumed", shard_records=5)
+    assert len(added) == 7  # only the records after the finished shard were processed again
+    assert meta["records"] == {"read": 12, "kept": 12}
+    for suffix in (
+        "_tokens.bin",
+        "_loss_mask.bin",
+        "_teacher_logprobs.bin",
+        "_tokens.idx",
+        "_teacher_topk_ids.bin",
+        ".sidecar.jsonl",
+    ):
+        assert (out / f"resumed{suffix}").read_bytes() == (out / f"straight{suffix}").read_bytes()
+    assert not work.exists()
+
+
+def _watch_shards(first_shard, written_at):
+    from megatron_dcod.data.trace_format import TraceDatasetWriter
+
+    original = TraceDatasetWriter.add_dataset
+
+    def add_dataset(self, prefix):
+        if str(prefix).endswith("shard-000000"):  # reused as it was, not rewritten
+            assert first_shard.stat().st_mtime_ns == written_at
+        return original(self, prefix)
+
+    return add_dataset
