@@ -266,14 +266,15 @@ def scored_chunks(
         yield from chunks
         return
     pooled: list[EncodedRecord | BadRecord] = []
+    pooled_tokens = 0
     for chunk in chain(chunks, [None]):
         if chunk is not None:
             pooled += chunk
-        pooled_tokens = sum(len(e.trace.tokens) for e in pooled if _has_trace(e))
+            pooled_tokens += sum(len(e.trace.tokens) for e in chunk if _has_trace(e))
         if chunk is None or pooled_tokens >= 8 * config.scoring.batch_tokens:
             _score(pooled, scorers)
             yield pooled
-            pooled = []
+            pooled, pooled_tokens = [], 0
 
 
 def _has_trace(encoded: EncodedRecord | BadRecord) -> bool:

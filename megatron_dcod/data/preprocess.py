@@ -95,10 +95,12 @@ class _WorkDir:
 
     def __init__(self, output_prefix: str, build_key: str):
         prefix = Path(output_prefix)
-        self.path = prefix.parent / f".{prefix.name}.partial-{build_key[:16]}"
-        for stale in prefix.parent.glob(f".{prefix.name}.partial-*"):
-            if stale != self.path:  # another build's leftovers can never be resumed by this one
+        self.path = prefix.parent / f".{prefix.name}.build-{build_key[:16]}"
+        for stale in prefix.parent.glob(f".{prefix.name}.build-*"):
+            if stale != self.path:  # another build's shards can never be resumed by this one
                 shutil.rmtree(stale, ignore_errors=True)
+        for leftover in prefix.parent.glob(f".{prefix.name}.partial-*"):
+            leftover.unlink()  # temporary files of a writer killed before it could clean up
         self.path.mkdir(parents=True, exist_ok=True)
         progress_file = self.path / "progress.json"
         self.progress = json.loads(progress_file.read_text()) if progress_file.exists() else {}

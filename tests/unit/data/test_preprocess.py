@@ -266,7 +266,7 @@ def test_interrupted_build_resumes_where_it_stopped(
         build(tmp_path, [source], tokenizer_dir, name="resumed", shard_records=5)
     out = tmp_path / "out"
     assert not list(out.glob("resumed*"))  # nothing at the prefix
-    (work,) = out.glob(".resumed.partial-*")
+    (work,) = out.glob(".resumed.build-*")
     progress = json.loads((work / "progress.json").read_text())
     assert [shard["records"] for shard in progress["shards"]] == [5]
     assert sorted(p.name for p in work.iterdir() if "partial" in p.name) == []  # shard 2 cleaned
