@@ -9,6 +9,7 @@ import pytest
 from megatron_dcod.config import PreprocessConfig, RecordFields
 from megatron_dcod.data.preprocess import preprocess_traces
 from megatron_dcod.data.trace_format import TraceDataset
+from tests.helpers.models import save_tiny_llama
 
 from ..conftest import PROBLEMS, write_jsonl
 
@@ -185,23 +186,6 @@ def test_messages_records_multi_turn(tmp_path, tokenizer_dir):
     assert runs == 2
 
 
-def tiny_llama(directory, vocab_size, seed):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    LlamaForCausalLM(config).save_pretrained(directory)
-    return directory
-
-
 def test_scoring_with_teacher_and_reference_models(
     tmp_path, tokenizer_dir, chat_tokenizer, teacher_records
 ):
@@ -209,8 +193,8 @@ def test_scoring_with_teacher_and_reference_models(
     from megatron_dcod.scoring.hf_scorer import CausalLMScorer
 
     vocab = len(chat_tokenizer.tokenizer)
-    teacher = tiny_llama(tmp_path / "teacher", vocab, seed=1)
-    ref = tiny_llama(tmp_path / "ref", vocab, seed=2)
+    teacher = save_tiny_llama(tmp_path / "teacher", vocab, seed=1)
+    ref = save_tiny_llama(tmp_path / "ref", vocab, seed=2)
     source = write_jsonl(tmp_path / "t.jsonl", teacher_records)  # their log-probs get replaced
     scoring = ScoringConfig(teacher_model=str(teacher), ref_model=str(ref), topk=2, batch_tokens=64)
     meta, dataset = build(tmp_path, [source], tokenizer_dir, scoring=scoring)
@@ -239,7 +223,7 @@ def test_scoring_model_with_a_smaller_vocabulary(
 ):
     from megatron_dcod.config import ScoringConfig
 
-    small = tiny_llama(tmp_path / "small", len(chat_tokenizer.tokenizer) - 1, seed=0)
+    small = save_tiny_llama(tmp_path / "small", len(chat_tokenizer.tokenizer) - 1, seed=0)
     source = write_jsonl(tmp_path / "t.jsonl", teacher_records)
     with pytest.raises(ValueError, match="must share the vocabulary"):
         build(tmp_path, [source], tokenizer_dir, scoring=ScoringConfig(teacher_model=str(small)))

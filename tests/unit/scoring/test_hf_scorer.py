@@ -3,28 +3,17 @@
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from megatron_dcod.scoring.hf_scorer import CausalLMScorer
+from tests.helpers.models import save_tiny_llama
 
 VOCAB = 96
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    directory = tmp_path_factory.mktemp("llama")
-    LlamaForCausalLM(config).save_pretrained(directory)
-    return directory
+    return save_tiny_llama(tmp_path_factory.mktemp("llama"), VOCAB)
 
 
 def make_traces():
@@ -91,3 +80,12 @@ def test_bad_model_dirs(model_dir, tmp_path):
         CausalLMScorer(broken)
     with pytest.raises(ValueError, match="predicts 96 tokens but the student tokenizer has 100"):
         CausalLMScorer(model_dir, min_vocab_size=100)
+
+
+def test_bf16_weights_stay_close_to_fp32(model_dir):
+    traces = make_traces()
+    fp32 = CausalLMScorer(model_dir).score(traces)
+    bf16 = CausalLMScorer(model_dir, dtype="bf16").score(traces)
+    for full, half in zip(fp32, bf16):
+        assert half.logprobs.dtype == np.float32  # log-softmax in fp32 whatever the weights
+        np.testing.assert_allclose(half.logprobs, full.logprobs, atol=0.05)
