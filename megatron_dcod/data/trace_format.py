@@ -202,13 +202,15 @@ class TraceDatasetWriter:
         """Append one trace (validated) and its sidecar record (free metadata, may be empty)."""
         import torch  # loaded with megatron-core by __init__; add_item takes tensors
 
-        validate_trace(trace)
+        validate_trace(trace)  # every check before the first byte is written
         if trace.present_arrays() != self.arrays:
             raise TraceFormatError(f"trace carries {trace.present_arrays()}, dataset {self.arrays}")
+        for name in self.arrays:
+            shape = getattr(trace, name).shape
+            if ARRAY_SPECS[name].per_token == "topk" and shape[1:] != (self.topk,):
+                raise TraceFormatError(f"{name} has shape {shape}, expected k={self.topk}")
         for name, builder in self._builders.items():
             values = np.ascontiguousarray(getattr(trace, name), dtype=ARRAY_SPECS[name].dtype)
-            if ARRAY_SPECS[name].per_token == "topk" and values.shape[1:] != (self.topk,):
-                raise TraceFormatError(f"{name} has shape {values.shape}, expected k={self.topk}")
             stored = values.reshape(-1).view(ARRAY_SPECS[name].storage_dtype)
             builder.add_item(torch.from_numpy(stored))
             builder.end_document()

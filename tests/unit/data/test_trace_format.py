@@ -113,7 +113,14 @@ def test_writer_refuses_inconsistent_traces(tmp_path):
         trace.ref_logprobs = None
         with pytest.raises(TraceFormatError, match="trace carries"):
             writer.add(trace)
-    assert list(tmp_path.iterdir()) == []
+        good = random_trace(rng, 5)
+        writer.add(good)  # the refused traces left nothing behind: the dataset stays aligned
+        writer.commit({"tokenizer": FINGERPRINT.__dict__})
+    dataset = TraceDataset(tmp_path / "ds")
+    assert (
+        len(dataset) == 1
+        and dataset[0].teacher_topk_ids.tobytes() == good.teacher_topk_ids.tobytes()
+    )
 
 
 def test_commit_replaces_an_older_dataset(tmp_path):
