@@ -1,3 +1,3 @@
-"""megatron-dcod: distribution-corrected offline distillation of reasoning traces on Megatron-Core."""
+"""megatron-dcod: distribution-corrected offline distillation of reasoning traces."""
 
 __version__ = "0.1.0"

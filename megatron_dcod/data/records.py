@@ -153,7 +153,8 @@ def _messages_of(record: dict, location: RecordLocation, fields: RecordFields) -
             if not isinstance(message, dict) or not {"role", "content"} <= message.keys():
                 raise RecordError(location, f"message {turn} needs 'role' and 'content'")
             if not isinstance(message["content"], str) or not message["content"].strip():
-                raise RecordError(location, f"message {turn} ({message['role']}) needs non-empty text")
+                role = message["role"]
+                raise RecordError(location, f"message {turn} ({role}) needs non-empty text")
         if not any(message["role"] == "assistant" for message in messages):
             raise RecordError(location, "no assistant message: nothing to supervise")
         return [{"role": m["role"], "content": m["content"]} for m in messages]
