@@ -134,7 +134,8 @@ def _write_shards(config: PreprocessConfig, chat: ChatTokenizer, work: _WorkDir)
     scorers = load_scorers(config, chat)
     chunks = scored_chunks(encoded_chunks(config, chat, options, done), scorers, config)
     records = chain.from_iterable(chunks)
-    with tqdm(desc="preprocess", unit=" rec", initial=done, mininterval=1.0) as progress:
+    # the bar counts tokens written (its rate is tokens/s); records read go in the postfix
+    with tqdm(desc="preprocess", unit="tok", unit_scale=True, mininterval=1.0) as progress:
         while True:
             index = len(work.progress["shards"])
             shard_records = islice(records, config.shard_records)
@@ -153,12 +154,13 @@ def _write_shard(
     progress: tqdm,
 ) -> dict[str, Any]:
     """Write one shard dataset; return what progress.json records of it."""
+    done_before = work.records_done()
     outcomes: Counter = Counter()
     writer: TraceDatasetWriter | None = None
     with ExitStack() as cleanup:  # an exception deletes the shard's temporary files
         for encoded in records:
             outcomes["read"] += 1
-            progress.update()
+            progress.set_postfix(records=done_before + outcomes["read"], refresh=False)
             if isinstance(encoded, BadRecord):
                 _handle_bad_record(encoded, config.skip_bad, outcomes)
                 continue
@@ -169,7 +171,8 @@ def _write_shard(
                 arrays = work.progress.setdefault("arrays", encoded.trace.present_arrays())
                 topk = work.progress.setdefault("topk", _topk_of(encoded.trace))
                 writer = cleanup.enter_context(TraceDatasetWriter(prefix, arrays, topk))
-            _add_to_writer(writer, encoded, config.skip_bad, outcomes)
+            if _add_to_writer(writer, encoded, config.skip_bad, outcomes):
+                progress.update(len(encoded.trace.tokens))
         if writer is not None:
             writer.commit({})
     read = outcomes.pop("read", 0)
@@ -201,7 +204,8 @@ def _handle_bad_record(bad: BadRecord, skip_bad: bool, outcomes: Counter) -> Non
 
 def _add_to_writer(
     writer: TraceDatasetWriter, encoded: EncodedRecord, skip_bad: bool, outcomes: Counter
-) -> None:
+) -> bool:
+    """Write one trace; False if the writer refused it and --skip-bad skipped it."""
     location = encoded.location
     sidecar = {"input": location.file, "record": location.index, **(encoded.sidecar or {})}
     try:
@@ -209,6 +213,8 @@ def _add_to_writer(
     except TraceFormatError as error:  # e.g. a record without teacher arrays among ones with
         _handle_bad_record(BadRecord(location, f"{location}: {error}", False), skip_bad, outcomes)
         outcomes[encoded.outcome] -= 1
+        return False
+    return True
 
 
 def _topk_of(trace: Any) -> int:
