@@ -30,7 +30,7 @@ CHUNKS_IN_FLIGHT_PER_WORKER = 2  # bounds memory: the reader never runs far ahea
 
 @dataclass(frozen=True)
 class EncodeOptions:
-    """What the workers need to know to turn records into traces."""
+    """How records become traces."""
 
     fields: RecordFields
     max_seq_length: int | None
@@ -51,7 +51,7 @@ class EncodedRecord:
 
 @dataclass
 class BadRecord:
-    """A record that cannot become a trace (picklable, unlike an exception with context)."""
+    """A record that cannot become a trace; `message` names its location and the reason."""
 
     location: RecordLocation
     message: str
