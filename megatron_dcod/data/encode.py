@@ -22,7 +22,7 @@ from megatron_dcod.config import PreprocessConfig, RecordFields
 from megatron_dcod.data.chat import ChatTemplateError, ChatTokenizer, Rendered, tokenize_rendered
 from megatron_dcod.data.records import ParsedRecord, RawRecord, RecordError, RecordLocation
 from megatron_dcod.data.records import iter_raw_records, parse_record
-from megatron_dcod.data.trace_format import Trace, TraceFormatError, validate_trace
+from megatron_dcod.data.trace_format import Trace, TraceFormatError
 
 RECORDS_PER_CHUNK = 64  # records a worker tokenizes in one batched call
 CHUNKS_IN_FLIGHT_PER_WORKER = 2  # bounds memory: the reader never runs far ahead
@@ -129,7 +129,6 @@ def _to_trace(
         trace = Trace(tokens=tokens, loss_mask=loss_mask)
         if options.keep_record_teacher and record.teacher_logprobs is not None:
             _attach_teacher(trace, record, chat)
-        validate_trace(trace)
     except (RecordError, TraceFormatError) as error:
         return BadRecord(location, f"{location}: {error}", malformed_json=False)
     return _apply_length_limit(location, trace, record.sidecar, options)
