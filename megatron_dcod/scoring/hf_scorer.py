@@ -4,6 +4,10 @@ Used by tools/preprocess_traces.py `--score-with` (teacher log-probs, optional t
 `--ref-model` (initial-student log-probs for iw-SFT). Output follows the alignment rule of
 DESIGN.md §4: element i is log p(token_i | tokens_<i), predicted by the logits at position i-1;
 element 0 and unsupervised positions are 0.
+
+Traces are sorted by length and packed into right-padded batches of at most `batch_tokens`
+padded tokens. The model may run in bf16; the log-softmax is always fp32, done in sequence
+chunks so that at most ~LOGITS_CHUNK_BYTES of fp32 log-probs exist beyond the model's logits.
 """
 
 from __future__ import annotations
@@ -28,6 +32,39 @@ class ScoredTrace:
     topk_logprobs: np.ndarray | None = None  # [T, k] float16, sorted descending
 
 
+@dataclass
+class _BatchLogProbs:
+    """Log-probs of one padded batch, unshifted: column j predicts token j+1."""
+
+    logp_target: np.ndarray  # [b, s-1] float32
+    topk_ids: np.ndarray | None  # [b, s-1, k] int64
+    topk_logp: np.ndarray | None  # [b, s-1, k] float32
+
+
+def load_causal_lm(model_dir: str | Path, dtype: torch.dtype) -> torch.nn.Module:
+    """AutoModelForCausalLM from a local directory; ValueError naming the dir if it fails."""
+    from transformers import AutoModelForCausalLM
+
+    if not Path(model_dir).is_dir():
+        raise ValueError(f"scoring model dir {model_dir} does not exist")
+    if not Path(model_dir, "config.json").is_file():
+        raise ValueError(f"scoring model dir {model_dir} has no config.json")
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=dtype, local_files_only=True
+        )
+    except Exception as error:  # transformers raises many types for unreadable weights
+        raise ValueError(f"cannot load a causal LM from {model_dir}: {error}") from error
+
+
+def output_vocab_size(model: torch.nn.Module) -> int:
+    """Size of the logits' last dimension (the LM head rows, else config.vocab_size)."""
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None:
+        return head.weight.shape[0]
+    return model.config.vocab_size
+
+
 class CausalLMScorer:
     """Batched forward passes of a local HF causal LM, log-softmax in fp32."""
 
@@ -41,90 +78,112 @@ class CausalLMScorer:
         topk: int = 0,
         min_vocab_size: int | None = None,
     ):
-        from transformers import AutoModelForCausalLM
-
-        if not Path(model_dir, "config.json").is_file():
-            raise ValueError(f"scoring model dir {model_dir} has no config.json")
-        try:
-            self.model = AutoModelForCausalLM.from_pretrained(
-                str(model_dir), dtype=DTYPES[dtype], local_files_only=True
-            )
-        except Exception as error:  # transformers raises many types for unreadable weights
-            raise ValueError(f"cannot load a causal LM from {model_dir}: {error}") from error
-        self.model.to(device).eval()
+        if dtype not in DTYPES:
+            raise ValueError(f"scoring dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
+        self.model = load_causal_lm(model_dir, DTYPES[dtype]).to(device).eval()
         self.device, self.batch_tokens, self.topk = torch.device(device), batch_tokens, topk
-        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        self.vocab_size = output_vocab_size(self.model)
         if min_vocab_size is not None and self.vocab_size < min_vocab_size:
             raise ValueError(
                 f"scoring model {model_dir} predicts {self.vocab_size} tokens but the student "
                 f"tokenizer has {min_vocab_size}: they must share the vocabulary"
             )
+        if not 0 <= topk <= self.vocab_size:
+            raise ValueError(f"topk must be in [0, {self.vocab_size}], got {topk}")
 
     def score(self, traces: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[ScoredTrace]:
-        """Score (tokens [T], loss_mask [T]) pairs; results in the input order."""
-        results: list[ScoredTrace | None] = [None] * len(traces)
-        for batch in self._length_sorted_batches([len(tokens) for tokens, _ in traces]):
-            for index, scored in zip(batch, self._score_batch([traces[i] for i in batch])):
-                results[index] = scored
+        """Score (tokens [T] int32, loss_mask [T] uint8) pairs; results in the input order."""
+        for tokens, loss_mask in traces:
+            self._check_trace(tokens, loss_mask)
+        lengths = [len(tokens) for tokens, _ in traces]
+        results = [self._empty_trace() for _ in traces]  # kept as is for 0-token traces
+        nonempty = [index for index, length in enumerate(lengths) if length > 0]
+        for batch in self._length_sorted_batches(nonempty, lengths):
+            batch_logp = self._score_batch([traces[index][0] for index in batch])
+            for row, index in enumerate(batch):
+                loss_mask = traces[index][1]
+                results[index] = self._aligned_trace(batch_logp, row, lengths[index], loss_mask)
         return results
 
-    def _length_sorted_batches(self, lengths: list[int]) -> list[list[int]]:
-        """Indices grouped so that batch size × longest length stays within batch_tokens."""
+    def _empty_trace(self) -> ScoredTrace:
+        """The result for a trace without tokens."""
+        if not self.topk:
+            return ScoredTrace(np.zeros(0, dtype=np.float32))
+        return ScoredTrace(
+            np.zeros(0, dtype=np.float32),
+            np.zeros((0, self.topk), dtype=np.int32),
+            np.zeros((0, self.topk), dtype=np.float16),
+        )
+
+    def _check_trace(self, tokens: np.ndarray, loss_mask: np.ndarray) -> None:
+        """Same lengths, token ids inside the model's vocabulary."""
+        if tokens.shape != loss_mask.shape or tokens.ndim != 1:
+            raise ValueError(f"tokens {tokens.shape} and loss_mask {loss_mask.shape} differ")
+        if len(tokens) and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise ValueError(
+                f"token ids span [{tokens.min()}, {tokens.max()}], outside the scoring model's "
+                f"vocabulary of {self.vocab_size}"
+            )
+
+    def _length_sorted_batches(self, indices: list[int], lengths: list[int]) -> list[list[int]]:
+        """Indices grouped longest first so that batch size × longest length ≤ batch_tokens."""
         batches, current = [], []
-        for index in sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True):
+        for index in sorted(indices, key=lambda i: lengths[i], reverse=True):
             longest = lengths[current[0]] if current else lengths[index]
             if current and (len(current) + 1) * longest > self.batch_tokens:
                 batches.append(current)
                 current = []
-            current.append(index)
+            current.append(index)  # a trace over the budget on its own still forms a batch
         return batches + ([current] if current else [])
 
     @torch.inference_mode()
-    def _score_batch(self, batch: list[tuple[np.ndarray, np.ndarray]]) -> list[ScoredTrace]:
-        lengths = [len(tokens) for tokens, _ in batch]
-        input_ids = torch.zeros(len(batch), max(lengths), dtype=torch.long)  # [b, s]
-        attention_mask = torch.zeros_like(input_ids)  # [b, s], right padding
-        for row, (tokens, _) in enumerate(batch):
+    def _score_batch(self, batch_tokens: list[np.ndarray]) -> _BatchLogProbs:
+        """One right-padded forward pass; log-probs of each next token (and the top-k)."""
+        longest = max(len(tokens) for tokens in batch_tokens)
+        input_ids = torch.zeros(len(batch_tokens), longest, dtype=torch.long)  # [b, s]
+        attention_mask = torch.zeros_like(input_ids)  # [b, s], 1 on real tokens
+        for row, tokens in enumerate(batch_tokens):
             input_ids[row, : len(tokens)] = torch.from_numpy(tokens.astype(np.int64))
             attention_mask[row, : len(tokens)] = 1
-        logits = self.model(
-            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
-        ).logits  # [b, s, v]
-        targets = input_ids[:, 1:].to(self.device)  # [b, s-1]: token i+1 is predicted at i
-        logp_target, topk_ids, topk_logp = self._gather(logits[:, :-1], targets)
-        return [
-            self._aligned(logp_target[row], topk_ids, topk_logp, row, length, loss_mask)
-            for row, (length, (_, loss_mask)) in enumerate(zip(lengths, batch))
-        ]
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # [b, s, v]
+        return self._next_token_logprobs(logits[:, :-1], input_ids[:, 1:])
 
-    def _gather(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple:
-        """fp32 log-softmax over the vocabulary, in sequence chunks to bound memory."""
-        batch, positions, vocab = logits.shape
-        chunk = max(1, LOGITS_CHUNK_BYTES // (4 * batch * vocab))
+    def _next_token_logprobs(self, logits: torch.Tensor, targets: torch.Tensor) -> _BatchLogProbs:
+        """fp32 log-softmax of logits [b, n, v] at targets [b, n], in sequence chunks."""
+        batch_size, positions, vocab = logits.shape
+        chunk = max(1, LOGITS_CHUNK_BYTES // (4 * batch_size * vocab))
         logp_target, topk_ids, topk_logp = [], [], []
-        for start in range(0, max(positions, 1), chunk):  # one (empty) chunk for 1-token rows
+        for start in range(0, max(positions, 1), chunk):  # one empty chunk when every row is 1
             logp = torch.log_softmax(logits[:, start : start + chunk].float(), dim=-1)  # [b, c, v]
-            target = targets[:, start : start + chunk]  # [b, c]
-            logp_target.append(logp.gather(-1, target.unsqueeze(-1)).squeeze(-1))  # [b, c]
+            target = targets[:, start : start + chunk].unsqueeze(-1)  # [b, c, 1]
+            logp_target.append(logp.gather(-1, target).squeeze(-1).cpu())  # [b, c]
             if self.topk:
                 values, ids = logp.topk(self.topk, dim=-1)  # [b, c, k], sorted descending
-                topk_logp.append(values)
-                topk_ids.append(ids)
-        cat = lambda parts: torch.cat(parts, dim=1).cpu().numpy() if parts else None  # noqa: E731
-        return cat(logp_target), cat(topk_ids), cat(topk_logp)
+                topk_logp.append(values.cpu())
+                topk_ids.append(ids.cpu())
+        return _BatchLogProbs(
+            logp_target=torch.cat(logp_target, dim=1).numpy(),
+            topk_ids=torch.cat(topk_ids, dim=1).numpy() if self.topk else None,
+            topk_logp=torch.cat(topk_logp, dim=1).numpy() if self.topk else None,
+        )
 
-    def _aligned(self, logp_target, topk_ids, topk_logp, row, length, loss_mask) -> ScoredTrace:
-        """Shift by one (element i describes token i), zero element 0 and unsupervised ones."""
-        supervised = loss_mask.astype(bool)  # [T]
-        supervised[0] = False
-        logprobs = np.zeros(length, dtype=np.float32)
-        logprobs[1:] = logp_target[: length - 1]
-        logprobs[~supervised] = 0.0
+    def _aligned_trace(
+        self, batch_logp: _BatchLogProbs, row: int, length: int, loss_mask: np.ndarray
+    ) -> ScoredTrace:
+        """Shift by one (element i describes token i); zero element 0 and unsupervised ones."""
+        unsupervised = ~loss_mask.astype(bool)  # [T]
+        unsupervised[:1] = True
+        logprobs = np.zeros(length, dtype=np.float32)  # [T]
+        logprobs[1:] = batch_logp.logp_target[row, : length - 1]
+        logprobs[unsupervised] = 0.0
         if not self.topk:
             return ScoredTrace(logprobs)
-        ids = np.zeros((length, self.topk), dtype=np.int32)
-        values = np.zeros((length, self.topk), dtype=np.float16)
-        ids[1:] = topk_ids[row, : length - 1]
-        values[1:] = topk_logp[row, : length - 1]
-        ids[~supervised], values[~supervised] = 0, 0.0
-        return ScoredTrace(logprobs, ids, values)
+        topk_ids = np.zeros((length, self.topk), dtype=np.int32)  # [T, k]
+        topk_logprobs = np.zeros((length, self.topk), dtype=np.float16)  # [T, k]
+        topk_ids[1:] = batch_logp.topk_ids[row, : length - 1]
+        topk_logprobs[1:] = batch_logp.topk_logp[row, : length - 1]
+        topk_ids[unsupervised], topk_logprobs[unsupervised] = 0, 0.0
+        return ScoredTrace(logprobs, topk_ids, topk_logprobs)
