@@ -72,3 +72,79 @@ class PreprocessConfig:
     """Rebuild even if an up-to-date dataset exists at the prefix."""
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     """Teacher / reference scoring with HF models."""
+
+
+WEIGHTINGS = ("sft", "dft", "iw_sft", "dcod")
+BASE_LOSSES = ("ce", "kl", "todi")
+DCOD_SCOPES = ("token", "prefix", "sequence")
+NORMALIZATIONS = ("tokens", "weights")
+
+
+@dataclass(frozen=True)
+class CorrectionConfig:
+    """Which per-token weight multiplies which token loss (METHOD.md §1–2); `--dcod-*` flags."""
+
+    weighting: str = "sft"
+    """w_t: "sft" (1), "dft" (π_θ), "iw_sft" (sequence ratio to π_0), "dcod" (METHOD.md §1)."""
+    base_loss: str = "ce"
+    """ℓ_t: "ce" (cross-entropy of the trace token), "kl" (top-k KD), "todi" (top-k ToDi)."""
+    scope: str = "token"
+    """DCOD ratio scope: "token" (Δ_t), "prefix" (running mean of Δ), "sequence" (trace mean)."""
+    temperature: float = 1.0
+    """DCOD τ: w = s·σ((Δ − b)/τ)."""
+    offset: float = 0.0
+    """DCOD b."""
+    scale: float = 2.0
+    """DCOD s (2: mean weight ≈ 1 when Δ ≈ 0)."""
+    clip_min: float | None = None
+    """Lower clip of the DCOD weight (None: no clip)."""
+    clip_max: float | None = None
+    """Upper clip of the DCOD weight (None: no clip)."""
+    normalization: str = "tokens"
+    """Loss denominator over the whole step: "tokens" (Σ m_t) or "weights" (Σ m_t w_t)."""
+    topk_mode: str = "renormalize"
+    """kl/todi support: "renormalize" over the k ids, or "tail" (k ids + one remaining-mass bucket)."""
+    todi_beta: float = 1.0
+    """ToDi β in α = σ(β log(p_T/q_θ))."""
+    iw_sft_max_weight: float = 16.0
+    """iw-SFT clamps its sequence weight to [0, this]."""
+
+    def __post_init__(self) -> None:
+        for name, allowed in (
+            ("weighting", WEIGHTINGS),
+            ("base_loss", BASE_LOSSES),
+            ("scope", DCOD_SCOPES),
+            ("normalization", NORMALIZATIONS),
+            ("topk_mode", ("renormalize", "tail")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"dcod {name} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
+        if self.temperature <= 0:
+            raise ValueError(f"dcod temperature must be positive, got {self.temperature}")
+
+    def required_arrays(self) -> tuple[str, ...]:
+        """Trace-dataset arrays (DESIGN.md §4) this correction reads, beyond tokens and mask."""
+        needed = []
+        if self.weighting == "dcod":
+            needed.append("teacher_logprobs")
+        if self.weighting == "iw_sft":
+            needed.append("ref_logprobs")
+        if self.base_loss in ("kl", "todi"):
+            needed += ["teacher_topk_ids", "teacher_topk_logprobs"]
+        return tuple(needed)
+
+
+@dataclass(frozen=True)
+class TraceDataConfig:
+    """How trace datasets become fixed-length training sequences."""
+
+    seq_length: int
+    """Tokens per training sequence (Megatron's --seq-length)."""
+    pack: bool = True
+    """Pack several traces per sequence (attention stays inside each trace); else one per row."""
+    arrays: tuple[str, ...] = ()
+    """Optional per-token arrays to load besides tokens and loss mask."""
+    tokenizer: str | None = None
+    """Tokenizer dir the run uses; every dataset's fingerprint must match it (None: no check)."""

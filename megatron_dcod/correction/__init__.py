@@ -1,0 +1,1 @@
+"""Corrective weights and the losses they multiply (METHOD.md)."""

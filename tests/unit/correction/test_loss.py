@@ -1,0 +1,206 @@
+"""The corrected loss against float64 reference loops over tokens (METHOD.md §1–2)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_dcod.config import CorrectionConfig
+from megatron_dcod.correction.loss import corrected_loss, summarize_stats
+
+VOCAB, TOPK = 11, 3
+
+# Two rows of 8 positions. Traces (segment ids): row 0 = trace 0 (5 tokens) + trace 1 (1 token,
+# supervised) + padding trace 2; row 1 = trace 3 (all masked) + trace 4 (4 tokens).
+SEGMENTS = [[0, 0, 0, 0, 0, 1, 2, 2], [3, 3, 3, 3, 4, 4, 4, 4]]
+MASK = [[0, 1, 1, 0, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1, 1, 1]]
+
+
+def make_batch(seed=0, extreme=False):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, 8, VOCAB, generator=generator, dtype=torch.float64) * 2
+    labels = torch.randint(0, VOCAB, (2, 8), generator=generator)
+    teacher = -torch.rand(2, 8, generator=generator, dtype=torch.float64) * 4
+    if extreme:  # Δ of ±1e4: the sigmoid saturates, nothing overflows
+        teacher[0, 1], teacher[1, 5] = -1e4, 0.0
+        logits[1, 5] = torch.full((VOCAB,), -50.0, dtype=torch.float64)
+        logits[1, 5, (labels[1, 5] + 1) % VOCAB] = 1e4
+    mask = torch.tensor(MASK, dtype=torch.float64)
+    topk_ids = torch.stack(
+        [torch.randperm(VOCAB, generator=generator)[:TOPK] for _ in range(16)]
+    ).view(2, 8, TOPK)
+    topk_logprobs = torch.log_softmax(torch.randn(2, 8, VOCAB, generator=generator), -1)
+    topk_logprobs = topk_logprobs.gather(-1, topk_ids)
+    batch = {
+        "labels": labels,
+        "loss_mask": mask,
+        "segment_ids": torch.tensor(SEGMENTS),
+        "teacher_logprobs": teacher * mask,
+        "ref_logprobs": -torch.rand(2, 8, generator=generator, dtype=torch.float64) * 3 * mask,
+        "teacher_topk_ids": topk_ids,
+        "teacher_topk_logprobs": topk_logprobs.to(torch.float16),
+    }
+    return logits, batch
+
+
+def token_ce(logits, labels):
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(2, 8)
+
+
+def reference_weights(config, logp, batch):
+    """w per position, float64, by explicit loops over traces and tokens."""
+    mask, segments = batch["loss_mask"].tolist(), batch["segment_ids"].tolist()
+    teacher, ref = batch["teacher_logprobs"].tolist(), batch["ref_logprobs"].tolist()
+    w = [[0.0] * 8 for _ in range(2)]
+    for row in range(2):
+        for t in range(8):
+            same = [u for u in range(8) if segments[row][u] == segments[row][t]]
+            delta = {u: logp[row][u] - teacher[row][u] for u in same if mask[row][u]}
+            if config.weighting == "sft":
+                w[row][t] = 1.0
+            elif config.weighting == "dft":
+                w[row][t] = math.exp(logp[row][t])
+            elif config.weighting == "iw_sft":
+                ratios = [logp[row][u] - ref[row][u] for u in same if mask[row][u]]
+                mean = sum(ratios) / len(ratios) if ratios else 0.0
+                w[row][t] = min(max(math.exp(mean), 0.0), 16.0)
+            else:
+                if config.scope == "token":
+                    d = logp[row][t] - teacher[row][t]
+                elif config.scope == "prefix":
+                    seen = [delta[u] for u in same if u <= t and u in delta]
+                    d = sum(seen) / len(seen) if seen else 0.0
+                else:
+                    d = sum(delta.values()) / len(delta) if delta else 0.0
+                z = (d - config.offset) / config.temperature
+                sig = 1 / (1 + math.exp(-z)) if z >= 0 else math.exp(z) / (1 + math.exp(z))
+                w[row][t] = config.scale * sig
+                if config.clip_min is not None:
+                    w[row][t] = max(w[row][t], config.clip_min)
+                if config.clip_max is not None:
+                    w[row][t] = min(w[row][t], config.clip_max)
+    return torch.tensor(w, dtype=torch.float64)
+
+
+CONFIGS = [
+    CorrectionConfig(weighting="sft"),
+    CorrectionConfig(weighting="dft"),
+    CorrectionConfig(weighting="iw_sft"),
+    CorrectionConfig(weighting="dcod"),
+    CorrectionConfig(weighting="dcod", scope="prefix", temperature=0.5, offset=-0.3),
+    CorrectionConfig(weighting="dcod", scope="sequence", scale=3.0),
+    CorrectionConfig(weighting="dcod", clip_min=0.5, clip_max=1.5),
+    CorrectionConfig(weighting="dcod", normalization="weights"),
+]
+
+
+@pytest.mark.parametrize("extreme", [False, True])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.weighting}-{c.scope}")
+def test_ce_weightings_match_float64_loop(config, extreme):
+    logits, batch = make_batch(extreme=extreme)
+    logits.requires_grad_(True)
+    result = corrected_loss(config, token_ce(logits, batch["labels"]), batch)
+    loss = result.loss_sum / result.normalizer
+    loss.backward()
+
+    reference_logits = logits.detach().clone().requires_grad_(True)
+    ce = token_ce(reference_logits, batch["labels"])
+    w = reference_weights(config, (-ce.detach()).tolist(), batch)  # constants: detached weights
+    mask = batch["loss_mask"]
+    normalizer = mask.sum() if config.normalization == "tokens" else (w * mask).sum()
+    reference = sum(
+        mask[r, t] * w[r, t] * ce[r, t] for r in range(2) for t in range(8)
+    ) / normalizer
+    reference.backward()
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, reference, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(result.normalizer, normalizer, rtol=1e-12, atol=0)
+    torch.testing.assert_close(logits.grad, reference_logits.grad, rtol=1e-10, atol=1e-12)
+    assert not logits.grad[1, :4].any()  # the all-masked trace gets no gradient
+
+
+def test_sft_equals_plain_masked_cross_entropy_exactly():
+    logits, batch = make_batch()
+    logits = logits.float()
+    ce = token_ce(logits, batch["labels"])
+    batch["loss_mask"] = batch["loss_mask"].float()
+    result = corrected_loss(CorrectionConfig(), ce, batch)
+    assert torch.equal(result.loss_sum, (ce * batch["loss_mask"]).sum())
+    assert result.normalizer.item() == sum(map(sum, MASK))
+
+
+def test_dcod_weights_bounds_and_clipping_edges():
+    logits, batch = make_batch(extreme=True)
+    ce = token_ce(logits, batch["labels"])
+    mask = batch["loss_mask"].bool()
+    for clip_min, clip_max in ((None, None), (0.0, 2.0), (1.0, 1.0)):
+        config = CorrectionConfig(weighting="dcod", clip_min=clip_min, clip_max=clip_max)
+        w = reference_weights(config, (-ce).tolist(), batch)
+        result = corrected_loss(config, ce, batch)
+        stats = summarize_stats(result.stats)
+        assert 0.0 <= w[mask].min() and w[mask].max() <= 2.0
+        torch.testing.assert_close(stats["w mean"], w[mask].mean().item(), rtol=1e-12, atol=0)
+        if clip_min == clip_max == 1.0:  # a degenerate clip is plain SFT
+            assert stats["w std"] == 0 and stats["w ess"] == pytest.approx(1.0)
+
+
+def reference_topk_loss(config, logits, batch):
+    """KD / ToDi per token, float64 loops over the stored top-k ids."""
+    losses = torch.zeros(2, 8, dtype=torch.float64)
+    logq_all = torch.log_softmax(logits, -1)
+    for r in range(2):
+        for t in range(8):
+            ids = batch["teacher_topk_ids"][r, t].tolist()
+            logp_t = batch["teacher_topk_logprobs"][r, t].double().tolist()
+            logq = [logq_all[r, t, i] for i in ids]
+            if config.topk_mode == "renormalize":
+                zt, zq = math.log(sum(map(math.exp, logp_t))), torch.logsumexp(torch.stack(logq), 0)
+                logp_t, logq = [x - zt for x in logp_t], [x - zq for x in logq]
+            else:
+                logp_t = logp_t + [math.log(1 - sum(map(math.exp, logp_t)))]
+                logq = logq + [torch.log(1 - sum(torch.exp(x) for x in logq))]
+            total = 0.0
+            for p_log, q_log in zip(logp_t, logq):
+                p, q = math.exp(p_log), torch.exp(q_log)
+                if config.base_loss == "kl":
+                    total = total + p * (p_log - q_log)
+                else:
+                    alpha = 1 / (1 + math.exp(-config.todi_beta * (p_log - q_log.item())))
+                    total = total + alpha * p * (p_log - q_log) + (1 - alpha) * q * (q_log - p_log)
+            losses[r, t] = total
+    return losses
+
+
+@pytest.mark.parametrize("mode", ["renormalize", "tail"])
+@pytest.mark.parametrize("base_loss", ["kl", "todi"])
+def test_topk_losses_match_float64_loop(base_loss, mode):
+    config = CorrectionConfig(weighting="dcod", base_loss=base_loss, topk_mode=mode, todi_beta=0.7)
+    logits, batch = make_batch(seed=3)
+    logits.requires_grad_(True)
+    result = corrected_loss(config, logits, batch)
+    (result.loss_sum / result.normalizer).backward()
+
+    reference_logits = logits.detach().clone().requires_grad_(True)
+    token_loss = reference_topk_loss(config, reference_logits, batch)
+    logp = torch.log_softmax(reference_logits.detach(), -1).gather(-1, batch["labels"][..., None])
+    w = reference_weights(config, logp[..., 0].tolist(), batch)
+    mask = batch["loss_mask"]
+    reference = (mask * w * token_loss).sum() / mask.sum()
+    reference.backward()
+    torch.testing.assert_close(result.loss_sum / result.normalizer, reference, rtol=1e-6, atol=0)
+    torch.testing.assert_close(logits.grad, reference_logits.grad, rtol=1e-5, atol=1e-9)
+
+
+def test_required_arrays_and_bad_knobs():
+    assert CorrectionConfig().required_arrays() == ()
+    assert CorrectionConfig(weighting="dcod").required_arrays() == ("teacher_logprobs",)
+    assert CorrectionConfig(weighting="iw_sft", base_loss="kl").required_arrays() == (
+        "ref_logprobs",
+        "teacher_topk_ids",
+        "teacher_topk_logprobs",
+    )
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        CorrectionConfig(weighting="ppo")
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        CorrectionConfig(temperature=0.0)
