@@ -8,7 +8,17 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_dcod.config import PreprocessConfig, RecordFields, ScoringConfig
+from megatron_dcod.config import (
+    BASE_LOSSES,
+    DCOD_SCOPES,
+    NORMALIZATIONS,
+    WEIGHTINGS,
+    CorrectionConfig,
+    PreprocessConfig,
+    RecordFields,
+    ScoringConfig,
+    TraceDataConfig,
+)
 
 
 def add_preprocess_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -105,4 +115,72 @@ def preprocess_config_from_args(args: argparse.Namespace) -> PreprocessConfig:
             dtype=args.score_dtype,
             batch_tokens=args.score_batch_tokens,
         ),
+    )
+
+
+def add_dcod_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Project flags of `python -m megatron_dcod.train`, added to Megatron's parser."""
+    student = parser.add_argument_group("megatron-dcod student and data")
+    student.add_argument(
+        "--hf-config", metavar="DIR", required=True, help="dir of the student's HF config.json"
+    )
+    student.add_argument(
+        "--dcod-tokenizer",
+        metavar="DIR",
+        default=None,
+        help="HF tokenizer dir of the run; every dataset's tokenizer fingerprint must match it",
+    )
+    student.add_argument(
+        "--dcod-no-pack",
+        action="store_true",
+        help="one trace per sequence (padded) instead of packing traces",
+    )
+    dcod = parser.add_argument_group("megatron-dcod correction (METHOD.md)")
+    defaults = CorrectionConfig()
+    dcod.add_argument("--dcod-weighting", choices=WEIGHTINGS, default=defaults.weighting)
+    dcod.add_argument("--dcod-base-loss", choices=BASE_LOSSES, default=defaults.base_loss)
+    dcod.add_argument("--dcod-scope", choices=DCOD_SCOPES, default=defaults.scope)
+    dcod.add_argument("--dcod-temperature", type=float, default=defaults.temperature, help="τ")
+    dcod.add_argument("--dcod-offset", type=float, default=defaults.offset, help="b")
+    dcod.add_argument("--dcod-scale", type=float, default=defaults.scale, help="s")
+    dcod.add_argument("--dcod-clip-min", type=float, default=None, help="lower clip of w")
+    dcod.add_argument("--dcod-clip-max", type=float, default=None, help="upper clip of w")
+    dcod.add_argument(
+        "--dcod-normalization", choices=NORMALIZATIONS, default=defaults.normalization
+    )
+    dcod.add_argument(
+        "--dcod-topk-mode", choices=("renormalize", "tail"), default=defaults.topk_mode
+    )
+    dcod.add_argument("--dcod-todi-beta", type=float, default=defaults.todi_beta)
+    dcod.add_argument("--dcod-iw-sft-max-weight", type=float, default=defaults.iw_sft_max_weight)
+    return parser
+
+
+def correction_config_from_args(args: argparse.Namespace) -> CorrectionConfig:
+    """CorrectionConfig from the `--dcod-*` flags."""
+    return CorrectionConfig(
+        weighting=args.dcod_weighting,
+        base_loss=args.dcod_base_loss,
+        scope=args.dcod_scope,
+        temperature=args.dcod_temperature,
+        offset=args.dcod_offset,
+        scale=args.dcod_scale,
+        clip_min=args.dcod_clip_min,
+        clip_max=args.dcod_clip_max,
+        normalization=args.dcod_normalization,
+        topk_mode=args.dcod_topk_mode,
+        todi_beta=args.dcod_todi_beta,
+        iw_sft_max_weight=args.dcod_iw_sft_max_weight,
+    )
+
+
+def trace_data_config_from_args(
+    args: argparse.Namespace, correction: CorrectionConfig
+) -> TraceDataConfig:
+    """TraceDataConfig from Megatron's --seq-length and the `--dcod-*` data flags."""
+    return TraceDataConfig(
+        seq_length=args.seq_length,
+        pack=not args.dcod_no_pack,
+        arrays=correction.required_arrays(),
+        tokenizer=args.dcod_tokenizer,
     )

@@ -5,8 +5,8 @@ megatron-core asks for CUDA in many places: buffers made with `device="cuda"` or
 events and synchronizes. `apply_cpu_mode()` answers all of them without touching megatron-core:
 
 - a TorchFunctionMode, kept on the mode stack, rewrites every CUDA device argument (`"cuda"`,
-  `"cuda:0"`, `torch.device("cuda")`, a bare device index) to CPU and turns `Tensor.cuda()`
-  into a no-op;
+  `"cuda:0"`, `torch.device("cuda")`, a bare device index) to CPU, turns `Tensor.cuda()`
+  into a no-op and names CPU tensor types as CUDA ones (`Tensor.type()`);
 - `torch.cuda` reports one device, already initialized, and its RNG functions drive a stand-in
   "CUDA" generator: a CPU `torch.Generator` of its own (not the CPU default generator), so that
   megatron's tracker can seed, save and restore it independently of the CPU stream;
@@ -40,6 +40,11 @@ def _is_cuda(device: Any) -> bool:
     return isinstance(device, int) and not isinstance(device, bool)  # an index means a GPU
 
 
+def _as_cuda_type_name(name: str) -> str:
+    """ "torch.FloatTensor" → "torch.cuda.FloatTensor": CPU tensors play CUDA tensors."""
+    return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
+
+
 class CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA device requests in torch calls to CPU."""
 
@@ -47,6 +52,8 @@ class CudaToCpuMode(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return _as_cuda_type_name(func(*args))  # megatron asserts torch.cuda.FloatTensor
         if func in (torch.Tensor.pin_memory, torch.Tensor.record_stream):
             return args[0] if func is torch.Tensor.pin_memory else None
         if _is_cuda(kwargs.get("device")):
@@ -125,3 +132,27 @@ def apply_cpu_mode() -> bool:
         _mode.__enter__()  # stays on the mode stack for the life of the process
         _applied = True
     return True
+
+
+def report_cuda_available() -> None:
+    """After `apply_cpu_mode()`: `torch.cuda.is_available()` answers True.
+
+    `megatron.training.pretrain` asserts CUDA before anything else (it initializes without
+    `allow_no_cuda`); with every CUDA request already served on CPU, the answer is accurate for
+    the stubbed `torch.cuda`. Only the training entry point calls this.
+    """
+    if not _applied:
+        raise RuntimeError("report_cuda_available() needs apply_cpu_mode() first")
+    torch.cuda.is_available = lambda: True
+
+
+def skip_jit_warmup() -> None:
+    """In CPU mode, `pretrain` skips its JIT warm-up (DESIGN.md §5).
+
+    The warm-up compiles CUDA fusion kernels by running them on random tensors: on CPU there is
+    nothing to compile, and its random draws would move the CPU generator by an amount that
+    depends on the TP size, so TP=2 would start from other weights than TP=1.
+    """
+    from megatron.training import training
+
+    training.set_jit_fusion_options = lambda tp_size=None: None

@@ -109,9 +109,9 @@ def test_ce_weightings_match_float64_loop(config, extreme):
     w = reference_weights(config, (-ce.detach()).tolist(), batch)  # constants: detached weights
     mask = batch["loss_mask"]
     normalizer = mask.sum() if config.normalization == "tokens" else (w * mask).sum()
-    reference = sum(
-        mask[r, t] * w[r, t] * ce[r, t] for r in range(2) for t in range(8)
-    ) / normalizer
+    reference = (
+        sum(mask[r, t] * w[r, t] * ce[r, t] for r in range(2) for t in range(8)) / normalizer
+    )
     reference.backward()
     assert torch.isfinite(loss)
     torch.testing.assert_close(loss, reference, rtol=1e-12, atol=1e-12)

@@ -1,0 +1,1 @@
+"""The GPT student: Megatron-Core specs built from an HF config (DESIGN.md §5)."""

@@ -1,0 +1,192 @@
+"""Train the student: `python -m megatron_dcod.train` or `torchrun ... -m megatron_dcod.train`.
+
+The entry point of DESIGN.md §5 on `megatron.training.pretrain`: Megatron's flags for all it
+has, `--hf-config DIR` for the architecture and `--dcod-*` for the correction. This module is
+the only place that reads Megatron's global arguments; it turns them into the project's
+configs once and hands those to the library code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from functools import partial
+from pathlib import Path
+
+from megatron_dcod.platform.compat import ensure_python_compat, use_prebuilt_dataset_helpers
+from megatron_dcod.platform.cpu import apply_cpu_mode, report_cuda_available, skip_jit_warmup
+
+CPU_FLAGS = (
+    "--distributed-backend=gloo",
+    "--use-cpu-initialization",
+    "--transformer-impl=local",
+    "--no-persist-layer-norm",
+    "--no-gradient-accumulation-fusion",
+    "--no-bias-gelu-fusion",
+    "--no-bias-dropout-fusion",
+    "--no-bias-swiglu-fusion",
+    "--no-masked-softmax-fusion",
+    "--no-rope-fusion",
+)
+"""Megatron flags the CPU mode needs (DESIGN.md §3, §5); the user's flags come after them."""
+ALWAYS_FLAGS = ("--calculate-per-token-loss",)
+"""The loss is normalized over the whole step (METHOD.md §1), Megatron's per-token mode."""
+RESOLVED_CONFIG_NAME = "dcod_config.json"
+
+
+def megatron_argv(argv: list[str], cpu: bool) -> list[str]:
+    """The command line Megatron parses: architecture flags from --hf-config, then the user's."""
+    from megatron_dcod.models.student import load_hf_config, megatron_architecture_flags
+
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--hf-config", required=True, metavar="DIR")
+    hf_dir = peek.parse_known_args(argv)[0].hf_config
+    prefix = megatron_architecture_flags(load_hf_config(hf_dir)) + list(ALWAYS_FLAGS)
+    return prefix + (list(CPU_FLAGS) if cpu else []) + list(argv)
+
+
+def write_resolved_config(args, correction, data, hf_config) -> Path | None:
+    """`{--save}/dcod_config.json`: every flag after Megatron's validation, and our configs."""
+    if not args.save or args.rank != 0:
+        return None
+    resolved = {
+        "megatron": {k: v for k, v in vars(args).items() if _is_json(v)},
+        "correction": dataclasses.asdict(correction),
+        "data": dataclasses.asdict(data),
+        "hf_config": hf_config.to_dict(),
+    }
+    path = Path(args.save, RESOLVED_CONFIG_NAME)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(resolved, indent=2, sort_keys=True, default=str))
+    temporary.replace(path)
+    return path
+
+
+def _is_json(value) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str, list, tuple, dict))
+
+
+def check_fp8(args) -> bool:
+    """Whether to use Transformer Engine; FP8 without TE is an error."""
+    from megatron_dcod.models.student import transformer_engine_available
+
+    has_te = transformer_engine_available()
+    if args.fp8 and not has_te:
+        raise SystemExit(
+            f"--fp8-format {args.fp8} needs Transformer Engine, which is not installed "
+            "(pip install megatron-dcod[gpu])"
+        )
+    return has_te and args.transformer_impl == "transformer_engine"
+
+
+def main(argv: list[str] | None = None) -> None:
+    cpu = apply_cpu_mode()
+    ensure_python_compat()
+    use_prebuilt_dataset_helpers()
+    argv = sys.argv[1:] if argv is None else argv
+    sys.argv = [sys.argv[0], *megatron_argv(argv, cpu)]
+
+    from megatron.core.enums import ModelType
+    from megatron.training import get_args, pretrain
+    from megatron.training.argument_utils import (
+        core_transformer_config_from_args,
+        pretrain_cfg_container_from_args,
+    )
+    from megatron.training.arguments import parse_and_validate_args
+    from megatron.training.utils import get_blend_and_blend_per_split
+
+    from megatron_dcod.arguments import (
+        add_dcod_args,
+        correction_config_from_args,
+        trace_data_config_from_args,
+    )
+    from megatron_dcod.models.student import (
+        StudentSpec,
+        build_student,
+        check_sequence_length,
+        load_hf_config,
+        rope_theta,
+    )
+    from megatron_dcod.training.providers import blend_prefixes, build_datasets, preflight
+
+    args = parse_and_validate_args(extra_args_provider=add_dcod_args)
+    hf_config = load_hf_config(args.hf_config)
+    use_te = check_fp8(args)
+    check_sequence_length(hf_config, args.seq_length)
+    correction = correction_config_from_args(args)
+    data, tokenizer = preflight(
+        blend_prefixes(args.data_path),
+        trace_data_config_from_args(args, correction),
+        hf_config.vocab_size,
+    )
+    write_resolved_config(args, correction, data, hf_config)
+    if cpu:
+        report_cuda_available()  # pretrain() asserts CUDA; the CPU mode serves it
+        skip_jit_warmup()
+
+    spec = StudentSpec(
+        padded_vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        tie_embeddings=not args.untie_embeddings_and_output_weights,
+        rotary_base=rope_theta(hf_config),
+        use_transformer_engine=use_te,
+    )
+
+    def model_provider(
+        pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None
+    ):
+        transformer_config = core_transformer_config_from_args(get_args())
+        return build_student(
+            spec, transformer_config, pre_process, post_process, vp_stage, pg_collection
+        )
+
+    blend, blend_per_split = get_blend_and_blend_per_split(args)
+    dataset_provider = partial(
+        build_datasets,
+        data=data,
+        tokenizer=tokenizer,
+        seed=args.seed,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=args.split,
+    )
+    dataset_provider.is_distributed = True  # every rank reads its own batches (DESIGN.md §5)
+
+    pretrain(
+        pretrain_cfg_container_from_args(args),
+        dataset_provider,
+        ModelType.encoder_or_decoder,
+        forward_step(args, correction, data.pack),
+        model_provider=model_provider,
+    )
+
+
+def forward_step(args, correction, pack: bool):
+    """The ForwardStep with its weight metrics wired to Megatron's logging state."""
+    from megatron.core import parallel_state
+    from megatron.core.num_microbatches_calculator import get_num_microbatches
+    from megatron.training import get_args
+    from megatron.training.global_vars import get_tensorboard_writer, get_wandb_writer
+
+    from megatron_dcod.training.metrics import WeightMetrics
+    from megatron_dcod.training.step import ForwardStep
+
+    metrics = WeightMetrics(
+        log_interval=args.log_interval,
+        num_microbatches=get_num_microbatches,
+        next_iteration=lambda: get_args().curr_iteration + 1,
+        writers=lambda: (get_tensorboard_writer(), get_wandb_writer()),
+        data_parallel_group=lambda: parallel_state.get_data_parallel_group(
+            with_context_parallel=True
+        ),
+        is_reporting_rank=args.rank == args.world_size - 1,
+    )
+    return ForwardStep(correction=correction, pack=pack, metrics=metrics)
+
+
+if __name__ == "__main__":
+    main()

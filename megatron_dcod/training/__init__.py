@@ -1,0 +1,1 @@
+"""Training on megatron.training.pretrain: providers, forward step, metrics."""
