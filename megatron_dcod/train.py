@@ -83,8 +83,23 @@ def check_fp8(args) -> bool:
     return has_te and args.transformer_impl == "transformer_engine"
 
 
+def check_packing(args, pack: bool) -> None:
+    """Packed micro-batches travel as one THD row of b·s tokens; pipeline stages exchange
+    activations shaped [seq_length, micro_batch_size, hidden], so with PP > 1 that row must be
+    the whole micro-batch (Megatron's own convention for packed sequences)."""
+    if pack and args.pipeline_model_parallel_size > 1 and args.micro_batch_size != 1:
+        raise SystemExit(
+            "packed traces with --pipeline-model-parallel-size > 1 need --micro-batch-size 1 "
+            "(raise --seq-length instead), or --dcod-no-pack"
+        )
+    if args.context_parallel_size > 1:
+        raise SystemExit("--context-parallel-size > 1 is not supported yet")
+
+
 def main(argv: list[str] | None = None) -> None:
     cpu = apply_cpu_mode()
+    if cpu:  # Megatron checks it for TP/CP; it means nothing without CUDA
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     ensure_python_compat()
     use_prebuilt_dataset_helpers()
     argv = sys.argv[1:] if argv is None else argv
@@ -123,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         trace_data_config_from_args(args, correction),
         hf_config.vocab_size,
     )
+    check_packing(args, data.pack)
     write_resolved_config(args, correction, data, hf_config)
     if cpu:
         report_cuda_available()  # pretrain() asserts CUDA; the CPU mode serves it

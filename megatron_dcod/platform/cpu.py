@@ -19,6 +19,7 @@ CUDA/NCCL path untouched.
 from __future__ import annotations
 
 import contextlib
+import types
 from typing import Any
 
 import torch
@@ -83,6 +84,23 @@ class _NoOpStream:
         return 0.0
 
 
+class _NoOpDeviceContext(contextlib.nullcontext):
+    """Stands in for the torch.cuda.device context manager (a class: code isinstance-checks it)."""
+
+    def __init__(self, device: Any = None):
+        super().__init__()
+        self.idx = 0
+
+
+_DEVICE_PROPERTIES = types.SimpleNamespace(
+    name="cpu (megatron-dcod CPU mode)",
+    major=9,  # answers megatron's architecture checks as a Hopper-class device
+    minor=0,
+    total_memory=0,
+    multi_processor_count=1,
+)
+
+
 def _manual_seed(seed: int) -> None:
     cuda_standin_generator.manual_seed(int(seed))
 
@@ -99,7 +117,8 @@ def _patch_torch_cuda() -> None:
     cuda.Stream = cuda.Event = _NoOpStream
     cuda.current_stream = cuda.default_stream = lambda device=None: _NoOpStream()
     cuda.stream = lambda stream=None: contextlib.nullcontext()
-    cuda.device = lambda device=None: contextlib.nullcontext()
+    cuda.device = _NoOpDeviceContext
+    cuda.get_device_properties = lambda device=None: _DEVICE_PROPERTIES
     for name in (
         "memory_allocated",
         "max_memory_allocated",

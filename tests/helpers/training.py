@@ -1,0 +1,96 @@
+"""Run `python -m megatron_dcod.train` under torchrun on CPU and read back what it wrote."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 300
+LOSS_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*? lm loss: ([0-9.E+-]+|nan) \|")
+WEIGHT_LINE = re.compile(r"iteration\s+(\d+) \| dcod weights \| (.*) \|")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tiny_run_flags(hf_config: Path, data_prefix: Path, iters: int) -> list[str]:
+    """Flags of a tiny deterministic run (fp32, no dropout, constant LR)."""
+    return [
+        f"--hf-config={hf_config}",
+        f"--data-path={data_prefix}",
+        "--split=100,0,0",
+        "--seq-length=32",
+        f"--train-iters={iters}",
+        "--lr=2e-3",
+        "--lr-decay-style=constant",
+        "--weight-decay=0.0",
+        "--clip-grad=0.0",
+        "--log-interval=1",
+        "--eval-interval=100000",
+        "--eval-iters=0",
+        "--seed=1234",
+        "--make-vocab-size-divisible-by=32",
+        "--ckpt-format=torch_dist",
+    ]
+
+
+def train(*flags: str, nproc: int = 1, env: dict | None = None, check: bool = True) -> str:
+    """stdout+stderr of a torchrun training run; AssertionError with its tail if it fails."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+        f"--master_port={_free_port()}", "-m", "megatron_dcod.train", *flags,
+    ]  # fmt: skip
+    result = subprocess.run(
+        command,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    output = result.stdout + result.stderr
+    if check and result.returncode != 0:
+        raise AssertionError(f"training failed ({result.returncode}):\n{output[-6000:]}")
+    return output
+
+
+def logged_losses(output: str) -> dict[int, float]:
+    """{iteration: lm loss} from Megatron's log lines."""
+    return {int(it): float(loss) for it, loss in LOSS_LINE.findall(output)}
+
+
+def logged_weight_metrics(output: str) -> dict[int, dict[str, float]]:
+    """{iteration: {metric: value}} from the dcod weights log lines."""
+    metrics = {}
+    for iteration, fields in WEIGHT_LINE.findall(output):
+        pairs = (field.split(": ") for field in fields.split(" | "))
+        metrics[int(iteration)] = {name: float(value) for name, value in pairs}
+    return metrics
+
+
+def checkpoint_tensors(save_dir: Path, iteration: int, optimizer: bool = False) -> dict:
+    """Global (unsharded) tensors of a torch_dist checkpoint: model weights, optionally Adam's."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    directory = Path(save_dir, f"iter_{iteration:07d}")
+    flat_file = directory.with_suffix(".pt")
+    if not flat_file.exists():
+        dcp_to_torch_save(directory, flat_file)
+    state = torch.load(flat_file, weights_only=False)
+    keep = {}
+    for name, value in state.items():
+        is_weight = isinstance(value, torch.Tensor) and "_extra_state" not in name
+        is_optimizer = name.startswith("optimizer")
+        if is_weight and (optimizer or not is_optimizer) and "state_machine" not in name:
+            keep[name] = value
+    return keep
