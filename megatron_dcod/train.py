@@ -16,7 +16,11 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from megatron_dcod.platform.compat import ensure_python_compat, use_prebuilt_dataset_helpers
+from megatron_dcod.platform.compat import (
+    ensure_python_compat,
+    make_distributed_optimizer_resumable,
+    use_prebuilt_dataset_helpers,
+)
 from megatron_dcod.platform.cpu import apply_cpu_mode, report_cuda_available, skip_jit_warmup
 
 CPU_FLAGS = (
@@ -102,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     ensure_python_compat()
     use_prebuilt_dataset_helpers()
+    make_distributed_optimizer_resumable()
     argv = sys.argv[1:] if argv is None else argv
     sys.argv = [sys.argv[0], *megatron_argv(argv, cpu)]
 
