@@ -27,9 +27,11 @@ setup(
         "orjson",
         "tqdm",
         "typing_extensions",
+        "tensorboard",  # --tensorboard-dir (Megatron writes through torch.utils.tensorboard)
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
+        "wandb": ["wandb"],
         "test": ["pytest", "pytest-timeout", "black"],
     },
 )

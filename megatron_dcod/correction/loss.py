@@ -28,6 +28,7 @@ class CorrectedLoss:
 
     loss_sum: torch.Tensor  # [] Σ m w ℓ, with gradient
     normalizer: torch.Tensor  # [] fp32 Σ m (tokens) or Σ m w (weights), no gradient
+    base_loss_sum: torch.Tensor  # [] Σ m ℓ, the unweighted loss (diagnostic), no gradient
     stats: torch.Tensor  # [len(STAT_NAMES)] fp64 sums for the weight diagnostics
 
 
@@ -85,7 +86,10 @@ def corrected_loss(
     loss_sum = (token_weight * token_loss).sum()
     normalizer = loss_mask.sum() if config.normalization == "tokens" else token_weight.sum()
     return CorrectedLoss(
-        loss_sum, normalizer.detach(), weight_stats(token_weight, logp_student, loss_mask, batch)
+        loss_sum=loss_sum,
+        normalizer=normalizer.detach(),
+        base_loss_sum=(token_loss.detach() * loss_mask).sum(),
+        stats=weight_stats(token_weight, logp_student, loss_mask, batch),
     )
 
 

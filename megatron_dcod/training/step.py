@@ -87,8 +87,12 @@ class ForwardStep:
         if training and self.correction.normalization == "weights":
             self.weight_sum.total = self.weight_sum.total.to(result.normalizer.device)
             self.weight_sum.total += result.normalizer.float()
-        report = torch.stack([result.loss_sum.detach().float(), result.normalizer.float()])
-        return result.loss_sum, num_tokens, {"lm loss": report}
+        tokens = batch["loss_mask"].sum().float()
+        report = {
+            "lm loss": torch.stack([result.loss_sum.detach().float(), result.normalizer.float()]),
+            "base loss": torch.stack([result.base_loss_sum.float(), tokens]),  # unweighted ℓ
+        }
+        return result.loss_sum, num_tokens, report
 
     def _dropped(self, loss_sum: torch.Tensor, batch: dict[str, torch.Tensor]):
         """A non-finite micro-batch loss: log it, contribute nothing, and let Megatron count it.
@@ -102,4 +106,5 @@ class ForwardStep:
         )
         zero = torch.zeros((), device=loss_sum.device, requires_grad=True)
         nan = torch.tensor([float("nan"), 1.0], device=loss_sum.device)
-        return zero, torch.zeros((), dtype=torch.int, device=loss_sum.device), {"lm loss": nan}
+        report = {"lm loss": nan, "base loss": nan}
+        return zero, torch.zeros((), dtype=torch.int, device=loss_sum.device), report

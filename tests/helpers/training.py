@@ -13,7 +13,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 300
-LOSS_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*? lm loss: ([0-9.E+-]+|nan) \|")
 WEIGHT_LINE = re.compile(r"iteration\s+(\d+) \| dcod weights \| (.*) \|")
 
 
@@ -64,9 +63,10 @@ def train(*flags: str, nproc: int = 1, env: dict | None = None, check: bool = Tr
     return output
 
 
-def logged_losses(output: str) -> dict[int, float]:
-    """{iteration: lm loss} from Megatron's log lines."""
-    return {int(it): float(loss) for it, loss in LOSS_LINE.findall(output)}
+def logged_losses(output: str, key: str = "lm loss") -> dict[int, float]:
+    """{iteration: value of `key`} from Megatron's training log lines."""
+    pattern = re.compile(rf"iteration\s+(\d+)/\s*\d+ \|.*? {key}: ([0-9.E+-]+|nan) \|")
+    return {int(it): float(value) for it, value in pattern.findall(output)}
 
 
 def logged_weight_metrics(output: str) -> dict[int, dict[str, float]]:
