@@ -44,6 +44,8 @@ def pack_greedily(lengths: np.ndarray, capacity: int) -> np.ndarray:
 
     lengths [n] (each ≤ capacity) → bin starts [n_bins + 1], the last entry being n.
     """
+    if len(lengths) == 0:
+        return np.zeros(1, dtype=np.int64)
     starts, used = [0], 0
     for index, length in enumerate(lengths.tolist()):
         if used + length > capacity:
