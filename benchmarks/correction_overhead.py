@@ -1,0 +1,188 @@
+#!/usr/bin/env python
+"""Cost of the DCOD correction over plain SFT: step time, tokens/s, peak RSS.
+
+Two copies of one student (same init, data and seed) train side by side in one process, steps
+interleaved SFT, DCOD, SFT, DCOD, ... so that machine noise hits both alike. Each step is the
+training code path: packed batch from the trace dataset → Megatron GPTModel with its fused
+vocab-parallel cross-entropy → ForwardStep.loss (the corrected loss) → backward → Adam.
+DCOD runs with token scope and the `ce` base loss, so it adds only the weight math on top of
+the loss Megatron computes.
+
+    python benchmarks/correction_overhead.py [--steps 30] [--warmup 5] [--preset tiny|1b]
+
+On a machine without CUDA the CPU mode is applied. Last line: JSON with ratio_median,
+sft_tokens_per_s, dcod_tokens_per_s (goal: ratio_median <= 1.03 on CPU, <= 1.01 on GPU).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import torch  # noqa: E402
+
+from megatron_dcod.platform.cpu import apply_cpu_mode  # noqa: E402
+
+PRESETS = {  # layers, hidden, heads, kv heads, ffn, vocab, seq length, micro-batch
+    "tiny": (4, 256, 8, 4, 704, 4096, 512, 4),
+    "1b": (16, 2048, 16, 8, 5632, 32000, 2048, 4),
+}
+
+
+def write_traces(prefix: Path, vocab: int, count: int, seed: int = 0) -> Path:
+    """Traces of 64–1024 tokens with teacher log-probs (the arrays DCOD reads)."""
+    from megatron_dcod.data.trace_format import Trace, TraceDatasetWriter
+
+    rng = np.random.default_rng(seed)
+    with TraceDatasetWriter(prefix, ("tokens", "loss_mask", "teacher_logprobs")) as writer:
+        for _ in range(count):
+            length = int(rng.integers(64, 1024))
+            loss_mask = (np.arange(length) >= length // 4).astype(np.uint8)
+            writer.add(
+                Trace(
+                    tokens=rng.integers(0, vocab, length).astype(np.int32),
+                    loss_mask=loss_mask,
+                    teacher_logprobs=(-rng.exponential(1.0, length) * loss_mask).astype(np.float32),
+                )
+            )
+        fingerprint = dict(name_or_path="bench", vocab_size=vocab, vocab_sha256="0" * 64)
+        writer.commit({"tokenizer": dict(fingerprint, chat_template_sha256=None)})
+    return prefix
+
+
+def build_model(preset: str, dtype: torch.dtype):
+    import torch.nn.functional as F
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_dcod.models.student import StudentSpec, build_student
+
+    layers, hidden, heads, kv_heads, ffn, vocab, seq, _ = PRESETS[preset]
+    torch.manual_seed(0)
+    model_parallel_cuda_manual_seed(0)
+    cpu = not torch.cuda.is_available()
+    config = TransformerConfig(
+        num_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+        num_query_groups=kv_heads, ffn_hidden_size=ffn, normalization="RMSNorm",
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, persist_layer_norm=not cpu,
+        bias_activation_fusion=not cpu, bias_dropout_fusion=not cpu,
+        masked_softmax_fusion=not cpu, gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+    )  # fmt: skip
+    use_te = not cpu and __import__("importlib").util.find_spec("transformer_engine") is not None
+    spec = StudentSpec(vocab, seq, False, 10000.0, use_transformer_engine=use_te)
+    return build_student(spec, config).to("cuda")
+
+
+def batches(prefix: Path, preset: str, count: int):
+    from megatron.core.datasets.utils import Split
+
+    from megatron_dcod.config import TraceDataConfig
+    from megatron_dcod.data.trace_dataset import TraceBlendConfig, TraceSequenceDataset
+    from megatron_dcod.data.trace_format import TraceDataset
+
+    *_, seq, micro_batch = PRESETS[preset]
+    traces = TraceDataset(prefix)
+    data = TraceDataConfig(seq, arrays=("teacher_logprobs",))
+    config = TraceBlendConfig(random_seed=1, sequence_length=seq, split="1,0,0", trace=data)
+    dataset = TraceSequenceDataset(
+        traces, str(prefix), np.arange(len(traces)), count * micro_batch, Split.train, config
+    )
+    for start in range(0, count * micro_batch, micro_batch):
+        rows = [dataset[i] for i in range(start, start + micro_batch)]
+        yield {key: torch.from_numpy(np.stack([row[key] for row in rows])) for key in rows[0]}
+
+
+def timed_step(step, model, optimizer, batch) -> float:
+    """Seconds of one training step (forward, corrected loss, backward, Adam)."""
+    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    synchronize()
+    start = time.perf_counter()
+    output, loss_function = step(iter([batch]), model)
+    loss, num_tokens, _ = loss_function(output)
+    (loss / num_tokens.clamp(min=1)).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=PRESETS, default="tiny")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant")
+    args = parser.parse_args()
+    cpu = apply_cpu_mode()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29761"))
+    torch.distributed.init_process_group("gloo" if cpu else "nccl", rank=0, world_size=1)
+    from megatron.core import parallel_state
+
+    from megatron_dcod.config import CorrectionConfig
+    from megatron_dcod.training.step import ForwardStep
+
+    parallel_state.initialize_model_parallel()
+    dtype = torch.float32 if cpu else torch.bfloat16
+    total = args.steps + args.warmup
+    variants = {
+        "sft": ForwardStep(CorrectionConfig(weighting="sft"), pack=True),
+        "dcod": ForwardStep(CorrectionConfig(weighting="dcod", scope="token"), pack=True),
+    }
+    models = {name: build_model(args.preset, dtype) for name in variants}
+    optimizers = {name: torch.optim.Adam(models[name].parameters(), lr=1e-4) for name in variants}
+    times = {name: [] for name in variants}
+    peak_rss = {name: 0 for name in variants}
+    process = psutil.Process()
+    with tempfile.TemporaryDirectory() as work:
+        vocab = PRESETS[args.preset][5]
+        prefix = write_traces(Path(work, "traces"), vocab, count=2000)
+        for index, batch in enumerate(batches(prefix, args.preset, total)):
+            for name, step in variants.items():  # interleaved: same batch, same moment
+                seconds = timed_step(step, models[name], optimizers[name], batch)
+                peak_rss[name] = max(peak_rss[name], process.memory_info().rss)
+                if index >= args.warmup:
+                    times[name].append(seconds)
+    report(args, times, peak_rss, tokens_per_step=PRESETS[args.preset][6] * PRESETS[args.preset][7])
+
+
+def report(args, times, peak_rss, tokens_per_step: int) -> None:
+    ratios = [dcod / sft for sft, dcod in zip(times["sft"], times["dcod"])]
+    device = "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()
+    print(f"correction overhead, preset {args.preset}, {args.steps} timed steps, {device}")
+    print(f"{'variant':8} {'median step s':>14} {'tokens/s':>12} {'peak RSS MB':>12}")
+    figures = {}
+    for name, seconds in times.items():
+        median = statistics.median(seconds)
+        figures[f"{name}_tokens_per_s"] = round(tokens_per_step / median, 1)
+        print(
+            f"{name:8} {median:14.4f} {tokens_per_step / median:12.1f} {peak_rss[name] / 2**20:12.0f}"
+        )
+    ratio = statistics.median(ratios)
+    print(f"median step-time ratio dcod/sft: {ratio:.4f} (goal <= 1.03 on CPU, <= 1.01 on GPU)")
+    print(
+        json.dumps(
+            {
+                "benchmark": "correction_overhead",
+                "preset": args.preset,
+                "device": device,
+                "ratio_median": round(ratio, 4),
+                **figures,
+                "sft_peak_rss_mb": round(peak_rss["sft"] / 2**20),
+                "dcod_peak_rss_mb": round(peak_rss["dcod"] / 2**20),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
