@@ -7,7 +7,10 @@ Steps (each prints the command a user would type):
      quickstart trains one) and save it as an HF model dir;
   3. tools/preprocess_traces.py: chat template, loss mask, teacher log-probs and top-4 scored
      by that model, 2 tokenizer workers;
-  4. tools/inspect_traces.py: dataset statistics and the first trace as aligned columns.
+  4. tools/inspect_traces.py: dataset statistics and the first trace as aligned columns;
+  5. train the tiny student preset (examples/presets/tiny-llama) with DCOD weights on 2 CPU
+     processes at TP=2 (`torchrun ... -m megatron_dcod.train`), checkpoint, then resume it for
+     more steps from that checkpoint.
 """
 
 import argparse
@@ -58,15 +61,15 @@ def main() -> None:
     out = args.out.resolve()
     records = [json.loads(line) for line in TRACES.read_text().splitlines()]
 
-    print(f"[1/4] tokenizer: byte-level BPE trained on {len(records)} example traces")
+    print(f"[1/5] tokenizer: byte-level BPE trained on {len(records)} example traces")
     tokenizer_dir = out / "tokenizer"
     train_tiny_tokenizer((r["prompt"] + "\n" + r["response"] for r in records), tokenizer_dir)
 
-    print("[2/4] teacher: a tiny random Llama-family HF model (stand-in)")
+    print("[2/5] teacher: a tiny random Llama-family HF model (stand-in)")
     teacher_dir = out / "teacher"
     make_teacher(tokenizer_dir, teacher_dir)
 
-    print("[3/4] preprocess the traces")
+    print("[3/5] preprocess the traces")
     prefix = out / "data" / "traces"
     run(
         [
@@ -90,8 +93,31 @@ def main() -> None:
         ]
     )
 
-    print("\n[4/4] inspect the dataset")
+    print("\n[4/5] inspect the dataset")
     run([sys.executable, "tools/inspect_traces.py", str(prefix), "--index", "0"])
+
+    print("\n[5/5] train the student (DCOD, TP=2 on 2 CPU processes), then resume it")
+    checkpoints = out / "checkpoints"
+    run(train_command(prefix, tokenizer_dir, checkpoints) + ["--exit-interval", "20"])
+    run(train_command(prefix, tokenizer_dir, checkpoints))  # loads iteration 20, trains to 30
+
+
+def train_command(prefix: Path, tokenizer_dir: Path, checkpoints: Path) -> list:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        "-m", "megatron_dcod.train",
+        "--hf-config", str(ROOT / "examples" / "presets" / "tiny-llama"),
+        "--dcod-tokenizer", str(tokenizer_dir),
+        "--data-path", str(prefix), "--split", "90,10,0",
+        "--tensor-model-parallel-size", "2",
+        "--seq-length", "256", "--micro-batch-size", "2", "--global-batch-size", "4",
+        "--train-iters", "30", "--lr", "1e-3", "--lr-decay-style", "cosine",
+        "--lr-warmup-iters", "2", "--min-lr", "1e-4", "--weight-decay", "0.01",
+        "--dcod-weighting", "dcod", "--dcod-scope", "token",
+        "--log-interval", "5", "--eval-interval", "10", "--eval-iters", "2",
+        "--save", str(checkpoints), "--load", str(checkpoints), "--save-interval", "10",
+        "--ckpt-format", "torch_dist", "--tensorboard-dir", str(checkpoints.parent / "tensorboard"),
+    ]  # fmt: skip
 
 
 if __name__ == "__main__":
