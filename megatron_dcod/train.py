@@ -111,27 +111,17 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = [sys.argv[0], *megatron_argv(argv, cpu)]
 
     from megatron.core.enums import ModelType
-    from megatron.training import get_args, pretrain
-    from megatron.training.argument_utils import (
-        core_transformer_config_from_args,
-        pretrain_cfg_container_from_args,
-    )
+    from megatron.training import pretrain
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
-    from megatron.training.utils import get_blend_and_blend_per_split
 
     from megatron_dcod.arguments import (
         add_dcod_args,
         correction_config_from_args,
         trace_data_config_from_args,
     )
-    from megatron_dcod.models.student import (
-        StudentSpec,
-        build_student,
-        check_sequence_length,
-        load_hf_config,
-        rope_theta,
-    )
-    from megatron_dcod.training.providers import blend_prefixes, build_datasets, preflight
+    from megatron_dcod.models.student import check_sequence_length, load_hf_config
+    from megatron_dcod.training.providers import blend_prefixes, preflight
 
     args = parse_and_validate_args(extra_args_provider=add_dcod_args)
     hf_config = load_hf_config(args.hf_config)
@@ -148,16 +138,31 @@ def main(argv: list[str] | None = None) -> None:
     if cpu:
         report_cuda_available()  # pretrain() asserts CUDA; the CPU mode serves it
         skip_jit_warmup()
+    pretrain(
+        pretrain_cfg_container_from_args(args),
+        dataset_provider(args, data, tokenizer),
+        ModelType.encoder_or_decoder,
+        forward_step(args, correction, data.pack),
+        model_provider=model_provider(args, hf_config, use_te),
+    )
+
+
+def model_provider(args, hf_config, use_transformer_engine: bool):
+    """Megatron's model-provider extension point for the HF-config student."""
+    from megatron.training import get_args
+    from megatron.training.argument_utils import core_transformer_config_from_args
+
+    from megatron_dcod.models.student import StudentSpec, build_student, rope_theta
 
     spec = StudentSpec(
         padded_vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         tie_embeddings=not args.untie_embeddings_and_output_weights,
         rotary_base=rope_theta(hf_config),
-        use_transformer_engine=use_te,
+        use_transformer_engine=use_transformer_engine,
     )
 
-    def model_provider(
+    def provide(
         pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None
     ):
         transformer_config = core_transformer_config_from_args(get_args())
@@ -165,8 +170,17 @@ def main(argv: list[str] | None = None) -> None:
             spec, transformer_config, pre_process, post_process, vp_stage, pg_collection
         )
 
+    return provide
+
+
+def dataset_provider(args, data, tokenizer):
+    """Megatron's dataset-provider extension point: blended, split trace sequences."""
+    from megatron.training.utils import get_blend_and_blend_per_split
+
+    from megatron_dcod.training.providers import build_datasets
+
     blend, blend_per_split = get_blend_and_blend_per_split(args)
-    dataset_provider = partial(
+    provide = partial(
         build_datasets,
         data=data,
         tokenizer=tokenizer,
@@ -175,15 +189,8 @@ def main(argv: list[str] | None = None) -> None:
         blend_per_split=blend_per_split,
         split=args.split,
     )
-    dataset_provider.is_distributed = True  # every rank reads its own batches (DESIGN.md §5)
-
-    pretrain(
-        pretrain_cfg_container_from_args(args),
-        dataset_provider,
-        ModelType.encoder_or_decoder,
-        forward_step(args, correction, data.pack),
-        model_provider=model_provider,
-    )
+    provide.is_distributed = True  # every rank reads its own batches (DESIGN.md §5)
+    return provide
 
 
 def forward_step(args, correction, pack: bool):
