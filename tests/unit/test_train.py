@@ -2,13 +2,16 @@
 
 import json
 import os
+from argparse import Namespace
 import signal
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from megatron_dcod.data.trace_format import Trace, TraceDatasetWriter
+from megatron_dcod.train import CPU_FLAGS, check_fp8, megatron_argv
 from tests.helpers.training import (
     REPO,
     logged_losses,
@@ -93,3 +96,17 @@ def test_sigterm_saves_a_checkpoint(tmp_path):
     process.wait(timeout=120)
     saved = (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip()
     assert int(saved) >= 3, "".join(lines[-30:])
+
+
+def test_fp8_without_transformer_engine_is_refused():
+    with pytest.raises(SystemExit, match="--fp8-format hybrid needs Transformer Engine"):
+        check_fp8(Namespace(fp8="hybrid", transformer_impl="transformer_engine"))
+    assert check_fp8(Namespace(fp8=None, transformer_impl="local")) is False
+
+
+def test_megatron_argv_puts_user_flags_last(tmp_path):
+    hf_config = save_hf_config(tmp_path / "hf")
+    argv = megatron_argv([f"--hf-config={hf_config}", "--num-layers=1"], cpu=True)
+    assert argv.index("--num-layers=2") < argv.index("--num-layers=1")  # argparse: last wins
+    assert "--calculate-per-token-loss" in argv and set(CPU_FLAGS) <= set(argv)
+    assert not set(CPU_FLAGS) & set(megatron_argv([f"--hf-config={hf_config}"], cpu=False))
