@@ -85,3 +85,13 @@ def test_tp2_equals_tp1(setup, reference):
 def test_pp2_equals_pp1(setup, reference):
     flags = ("--micro-batch-size=1", "--pipeline-model-parallel-size=2")
     assert_same_training(reference, run(setup, "pp2", *flags, nproc=2))
+
+
+def test_weight_normalization_is_global(setup):
+    """--dcod-normalization weights: the step's Σ m·w reaches Megatron's gradient scaling
+    through the finalize hook under DP=2 and accumulation alike (the hand-off itself is
+    checked in tests/unit/training/test_step.py)."""
+    weights = ("--dcod-normalization=weights",)
+    reference = run(setup, "weights-reference", "--micro-batch-size=4", *weights)
+    other = run(setup, "weights-dp2", "--micro-batch-size=1", *weights, nproc=2)
+    assert_same_training(reference, other)
