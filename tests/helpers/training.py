@@ -16,7 +16,7 @@ TIMEOUT_S = 300
 WEIGHT_LINE = re.compile(r"iteration\s+(\d+) \| dcod weights \| (.*) \|")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -47,7 +47,7 @@ def train(*flags: str, nproc: int = 1, env: dict | None = None, check: bool = Tr
     """stdout+stderr of a torchrun training run; AssertionError with its tail if it fails."""
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-        f"--master_port={_free_port()}", "-m", "megatron_dcod.train", *flags,
+        f"--master_port={free_port()}", "-m", "megatron_dcod.train", *flags,
     ]  # fmt: skip
     result = subprocess.run(
         command,

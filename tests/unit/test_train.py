@@ -14,6 +14,8 @@ from megatron_dcod.data.trace_format import Trace, TraceDatasetWriter
 from megatron_dcod.train import CPU_FLAGS, check_fp8, megatron_argv
 from tests.helpers.training import (
     REPO,
+    checkpoint_tensors,
+    free_port,
     logged_losses,
     logged_weight_metrics,
     tiny_run_flags,
@@ -78,7 +80,7 @@ def test_sigterm_saves_a_checkpoint(tmp_path):
     hf_config = save_hf_config(tmp_path / "hf")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
-        "--master_port=29633", "-m", "megatron_dcod.train",
+        f"--master_port={free_port()}", "-m", "megatron_dcod.train",
         *tiny_run_flags(hf_config, data, iters=100000), "--micro-batch-size=2",
         "--exit-signal-handler", f"--save={tmp_path / 'ckpt'}", "--save-interval=100000",
     ]  # fmt: skip
@@ -110,3 +112,27 @@ def test_megatron_argv_puts_user_flags_last(tmp_path):
     assert argv.index("--num-layers=2") < argv.index("--num-layers=1")  # argparse: last wins
     assert "--calculate-per-token-loss" in argv and set(CPU_FLAGS) <= set(argv)
     assert not set(CPU_FLAGS) & set(megatron_argv([f"--hf-config={hf_config}"], cpu=False))
+
+
+@pytest.mark.parametrize(
+    "family, overrides, expected, absent",
+    [
+        ("qwen2", {}, "self_attention.linear_qkv.bias", "q_layernorm"),
+        ("qwen3", {"head_dim": 16, "tie_word_embeddings": True}, "q_layernorm", "output_layer"),
+    ],
+)
+def test_family_checkpoints(tmp_path, family, overrides, expected, absent):
+    """Qwen2 trains with q/k/v biases, Qwen3 with q/k RMSNorm and tied embeddings (kl loss)."""
+    data = write_synthetic_traces(tmp_path / "traces", count=32)
+    hf_config = save_hf_config(tmp_path / "hf", family, **overrides)
+    train(
+        *tiny_run_flags(hf_config, data, iters=2),
+        "--dcod-weighting=dcod",
+        "--dcod-base-loss=kl",
+        "--micro-batch-size=2",
+        f"--save={tmp_path / 'ckpt'}",
+        "--save-interval=2",
+    )
+    names = checkpoint_tensors(tmp_path / "ckpt", 2)
+    assert any(expected in name for name in names)
+    assert not any(absent in name for name in names)
