@@ -33,7 +33,7 @@ from megatron_dcod.platform.cpu import apply_cpu_mode  # noqa: E402
 
 PRESETS = {  # layers, hidden, heads, kv heads, ffn, vocab, seq length, micro-batch
     "tiny": (4, 256, 8, 4, 704, 4096, 512, 4),
-    "1b": (16, 2048, 16, 8, 5632, 32000, 2048, 4),
+    "1b": (16, 2048, 16, 8, 5632, 32000, 2048, 1),
 }
 
 
@@ -73,11 +73,10 @@ def build_model(preset: str, dtype: torch.dtype):
         num_layers=layers, hidden_size=hidden, num_attention_heads=heads,
         num_query_groups=kv_heads, ffn_hidden_size=ffn, normalization="RMSNorm",
         gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
-        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
-        params_dtype=dtype, bf16=dtype == torch.bfloat16, persist_layer_norm=not cpu,
-        bias_activation_fusion=not cpu, bias_dropout_fusion=not cpu,
-        masked_softmax_fusion=not cpu, gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
+        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=cpu,
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, persist_layer_norm=False,
+        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False, apply_rope_fusion=False,
     )  # fmt: skip
     use_te = not cpu and __import__("importlib").util.find_spec("transformer_engine") is not None
     spec = StudentSpec(vocab, seq, False, 10000.0, use_transformer_engine=use_te)

@@ -23,9 +23,7 @@ from megatron_dcod.platform.compat import (
 )
 from megatron_dcod.platform.cpu import apply_cpu_mode, report_cuda_available, skip_jit_warmup
 
-CPU_FLAGS = (
-    "--distributed-backend=gloo",
-    "--use-cpu-initialization",
+UNFUSED_FLAGS = (
     "--transformer-impl=local",
     "--no-persist-layer-norm",
     "--no-gradient-accumulation-fusion",
@@ -35,6 +33,8 @@ CPU_FLAGS = (
     "--no-masked-softmax-fusion",
     "--no-rope-fusion",
 )
+"""Megatron's kernel fusions come from Transformer Engine or Apex; without both they are off."""
+CPU_FLAGS = ("--distributed-backend=gloo", "--use-cpu-initialization", *UNFUSED_FLAGS)
 """Megatron flags the CPU mode needs (DESIGN.md §3, §5); the user's flags come after them."""
 ALWAYS_FLAGS = ("--calculate-per-token-loss",)
 """The loss is normalized over the whole step (METHOD.md §1), Megatron's per-token mode."""
@@ -49,7 +49,18 @@ def megatron_argv(argv: list[str], cpu: bool) -> list[str]:
     peek.add_argument("--hf-config", required=True, metavar="DIR")
     hf_dir = peek.parse_known_args(argv)[0].hf_config
     prefix = megatron_architecture_flags(load_hf_config(hf_dir)) + list(ALWAYS_FLAGS)
-    return prefix + (list(CPU_FLAGS) if cpu else []) + list(argv)
+    if cpu:
+        prefix += CPU_FLAGS
+    elif not fused_kernels_available():
+        prefix += UNFUSED_FLAGS
+    return prefix + list(argv)
+
+
+def fused_kernels_available() -> bool:
+    """Whether Transformer Engine or Apex (Megatron's sources of fused kernels) is installed."""
+    from importlib.util import find_spec
+
+    return find_spec("transformer_engine") is not None or find_spec("apex") is not None
 
 
 def write_resolved_config(args, correction, data, hf_config) -> Path | None:
