@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from megatron_dcod.data.trace_format import Trace, TraceDatasetWriter
-from megatron_dcod.train import CPU_FLAGS, check_fp8, megatron_argv
+from megatron_dcod.train import CPU_FLAGS, UNFUSED_FLAGS, check_fp8, megatron_argv
 from tests.helpers.training import (
     REPO,
     checkpoint_tensors,
@@ -111,7 +111,11 @@ def test_megatron_argv_puts_user_flags_last(tmp_path):
     argv = megatron_argv([f"--hf-config={hf_config}", "--num-layers=1"], cpu=True)
     assert argv.index("--num-layers=2") < argv.index("--num-layers=1")  # argparse: last wins
     assert "--calculate-per-token-loss" in argv and set(CPU_FLAGS) <= set(argv)
-    assert not set(CPU_FLAGS) & set(megatron_argv([f"--hf-config={hf_config}"], cpu=False))
+    gpu_argv = set(megatron_argv([f"--hf-config={hf_config}"], cpu=False))
+    assert (
+        "--distributed-backend=gloo" not in gpu_argv and "--use-cpu-initialization" not in gpu_argv
+    )
+    assert set(UNFUSED_FLAGS) <= gpu_argv  # this machine has neither TE nor Apex
 
 
 @pytest.mark.parametrize(
