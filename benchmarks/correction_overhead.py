@@ -63,7 +63,11 @@ def build_model(preset: str, dtype: torch.dtype):
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     from megatron.core.transformer import TransformerConfig
 
-    from megatron_dcod.models.student import StudentSpec, build_student
+    from megatron_dcod.models.student import (
+        StudentSpec,
+        build_student,
+        transformer_engine_available,
+    )
 
     layers, hidden, heads, kv_heads, ffn, vocab, seq, _ = PRESETS[preset]
     torch.manual_seed(0)
@@ -78,7 +82,7 @@ def build_model(preset: str, dtype: torch.dtype):
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, apply_rope_fusion=False,
     )  # fmt: skip
-    use_te = not cpu and __import__("importlib").util.find_spec("transformer_engine") is not None
+    use_te = not cpu and transformer_engine_available()
     spec = StudentSpec(vocab, seq, False, 10000.0, use_transformer_engine=use_te)
     return build_student(spec, config).to("cuda")
 

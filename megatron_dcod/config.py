@@ -107,7 +107,7 @@ class CorrectionConfig:
     todi_beta: float = 1.0
     """ToDi β in α = σ(β log(p_T/q_θ))."""
     iw_sft_max_weight: float = 16.0
-    """iw-SFT clamps its sequence weight to [0, this]."""
+    """iw-SFT clamps its sequence weight to [0, this] (16 in arXiv 2507.12856)."""
 
     def __post_init__(self) -> None:
         for name, allowed in (

@@ -60,7 +60,9 @@ def fused_kernels_available() -> bool:
     """Whether Transformer Engine or Apex (Megatron's sources of fused kernels) is installed."""
     from importlib.util import find_spec
 
-    return find_spec("transformer_engine") is not None or find_spec("apex") is not None
+    from megatron_dcod.models.student import transformer_engine_available
+
+    return transformer_engine_available() or find_spec("apex") is not None
 
 
 def write_resolved_config(args, correction, data, hf_config) -> Path | None:

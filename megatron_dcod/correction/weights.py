@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import torch
 
-IW_SFT_MAX_WEIGHT = 16.0
-"""iw-SFT clamps its sequence weight to [0, 16] (arXiv 2507.12856)."""
-
 
 def segment_sum(values: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
     """Σ of `values` [b, s] over each trace, broadcast back to its tokens: [b, s]."""
@@ -85,7 +82,7 @@ def iw_sft_weights(
     logp_ref: torch.Tensor,
     loss_mask: torch.Tensor,
     segment_ids: torch.Tensor,
-    max_weight: float = IW_SFT_MAX_WEIGHT,
+    max_weight: float,
 ) -> torch.Tensor:
     """iw-SFT (arXiv 2507.12856): one weight per trace, on all its tokens [b, s].
 

@@ -12,7 +12,7 @@ Traces with more than `seq_length` positions are truncated (counted and logged).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from megatron.core.datasets.blended_megatron_dataset_config import BlendedMegatronDatasetConfig
@@ -32,7 +32,7 @@ TOPK_ARRAYS = ("teacher_topk_ids", "teacher_topk_logprobs")
 class TraceBlendConfig(BlendedMegatronDatasetConfig):
     """Megatron's dataset-builder config plus how traces become sequences."""
 
-    trace: TraceDataConfig = field(default=None)
+    trace: TraceDataConfig | None = None
     """Packing, optional arrays and the expected tokenizer."""
     expected_tokenizer: TokenizerFingerprint | None = None
     """Every dataset must carry this tokenizer fingerprint (None: they must agree among

@@ -55,7 +55,6 @@ class ForwardStep:
 
     def __call__(self, data_iterator: Iterator[dict], model: torch.nn.Module):
         batch = next_batch(data_iterator, torch.device("cuda"))
-        rows, seq = batch["tokens"].shape
         labels = batch["labels"] if self.correction.base_loss == "ce" else None  # → per-token CE
         if self.pack:  # one row of b·s tokens, attention kept inside each trace
             output = model(
@@ -78,7 +77,7 @@ class ForwardStep:
         rows, seq = batch["tokens"].shape
         output = output.view(rows, seq, *output.shape[2:])  # [b, s] CE or [b, s, v/tp] logits
         result = corrected_loss(self.correction, output, batch)
-        num_tokens = batch["loss_mask"].sum().to(torch.int)
+        supervised = batch["loss_mask"].sum()  # [] tokens with a target
         finite = bool(torch.isfinite(result.loss_sum))
         if training and self.metrics is not None:  # every micro-batch counts towards the step
             self.metrics.add(result.stats if finite else torch.zeros_like(result.stats))
@@ -87,12 +86,11 @@ class ForwardStep:
         if training and self.correction.normalization == "weights":
             self.weight_sum.total = self.weight_sum.total.to(result.normalizer.device)
             self.weight_sum.total += result.normalizer.float()
-        tokens = batch["loss_mask"].sum().float()
         report = {
             "lm loss": torch.stack([result.loss_sum.detach().float(), result.normalizer.float()]),
-            "base loss": torch.stack([result.base_loss_sum.float(), tokens]),  # unweighted ℓ
+            "base loss": torch.stack([result.base_loss_sum.float(), supervised.float()]),  # ℓ
         }
-        return result.loss_sum, num_tokens, report
+        return result.loss_sum, supervised.to(torch.int), report
 
     def _dropped(self, loss_sum: torch.Tensor, batch: dict[str, torch.Tensor]):
         """A non-finite micro-batch loss: log it, contribute nothing, and let Megatron count it.

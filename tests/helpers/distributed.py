@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 TIMEOUT_S = 240
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -52,7 +52,7 @@ def run_distributed_test(
     """
     context = mp.get_context("spawn")
     errors = context.SimpleQueue()
-    port = _free_port()
+    port = free_port()
     processes = [
         context.Process(target=_worker, args=(rank, world_size, port, backend, fn, kwargs, errors))
         for rank in range(world_size)

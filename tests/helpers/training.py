@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from tests.helpers.distributed import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 300
 WEIGHT_LINE = re.compile(r"iteration\s+(\d+) \| dcod weights \| (.*) \|")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def tiny_run_flags(hf_config: Path, data_prefix: Path, iters: int) -> list[str]:

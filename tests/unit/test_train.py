@@ -12,10 +12,10 @@ import pytest
 
 from megatron_dcod.data.trace_format import Trace, TraceDatasetWriter
 from megatron_dcod.train import CPU_FLAGS, UNFUSED_FLAGS, check_fp8, megatron_argv
+from tests.helpers.distributed import free_port
 from tests.helpers.training import (
     REPO,
     checkpoint_tensors,
-    free_port,
     logged_losses,
     logged_weight_metrics,
     tiny_run_flags,
