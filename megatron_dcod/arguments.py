@@ -7,6 +7,7 @@ names (`--input`, `--output-prefix`, `--tokenizer`, ...), and `--dcod-*` for the
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from megatron_dcod.config import (
     BASE_LOSSES,
@@ -14,6 +15,8 @@ from megatron_dcod.config import (
     NORMALIZATIONS,
     WEIGHTINGS,
     CorrectionConfig,
+    ExportConfig,
+    ImportConfig,
     PreprocessConfig,
     RecordFields,
     ScoringConfig,
@@ -183,4 +186,52 @@ def trace_data_config_from_args(
         pack=not args.dcod_no_pack,
         arrays=correction.required_arrays(),
         tokenizer=args.dcod_tokenizer,
+    )
+
+
+def add_convert_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`tools/convert_checkpoint.py {import-hf,export-hf}`."""
+    commands = parser.add_subparsers(dest="command", required=True)
+    to_megatron = commands.add_parser("import-hf", help="HF safetensors → Megatron checkpoint")
+    to_megatron.add_argument("--hf-dir", type=Path, required=True, metavar="DIR")
+    to_megatron.add_argument("--out", type=Path, required=True, metavar="CKPT")
+    to_megatron.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    to_megatron.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    to_megatron.add_argument("--dtype", choices=("bf16", "fp32"))
+    to_megatron.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    to_hf = commands.add_parser("export-hf", help="Megatron checkpoint → HF model dir")
+    to_hf.add_argument("--ckpt", type=Path, required=True, metavar="CKPT")
+    to_hf.add_argument("--hf-template", type=Path, required=True, metavar="DIR")
+    to_hf.add_argument("--out", type=Path, required=True, metavar="DIR")
+    to_hf.add_argument("--dtype", choices=("bf16", "fp16", "fp32"))
+    to_hf.add_argument("--max-shard-size", type=_byte_size, default="5GB", metavar="SIZE")
+    return parser
+
+
+def _byte_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB' or a number of bytes."""
+    units = {"": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    number = text.upper().rstrip("KMGIB")
+    try:
+        return int(float(number) * units[text.upper()[len(number) :]])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB)") from None
+
+
+def convert_config_from_args(args: argparse.Namespace) -> ImportConfig | ExportConfig:
+    if args.command == "import-hf":
+        return ImportConfig(
+            hf_dir=args.hf_dir,
+            out=args.out,
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            dtype=args.dtype,
+            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        )
+    return ExportConfig(
+        ckpt=args.ckpt,
+        hf_template=args.hf_template,
+        out=args.out,
+        dtype=args.dtype,
+        max_shard_bytes=args.max_shard_size,
     )

@@ -4,6 +4,7 @@ explicitly; library code never reads global arguments."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -148,3 +149,37 @@ class TraceDataConfig:
     """Optional per-token arrays to load besides tokens and loss mask."""
     tokenizer: str | None = None
     """Tokenizer dir the run uses; every dataset's fingerprint must match it (None: no check)."""
+
+
+@dataclass(frozen=True)
+class ImportConfig:
+    """`convert_checkpoint.py import-hf`."""
+
+    hf_dir: Path
+    """HF model dir: config.json and safetensors (one file or shards with an index)."""
+    out: Path
+    """Megatron checkpoint dir to create (passed to the trainer as --load)."""
+    tensor_model_parallel_size: int = 1
+    """TP of the training run (checked against heads; sets the vocabulary padding)."""
+    pipeline_model_parallel_size: int = 1
+    """PP of the training run (checked against layers)."""
+    dtype: str | None = None
+    """bf16 or fp32; default: bf16 unless the HF config's dtype is float32."""
+    make_vocab_size_divisible_by: int = 128
+    """Megatron's flag of the same name: the vocabulary is padded to a multiple of this × TP."""
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """`convert_checkpoint.py export-hf`."""
+
+    ckpt: Path
+    """Megatron --save dir (newest iteration) or one iteration/release dir."""
+    hf_template: Path
+    """HF dir with the student's config.json and tokenizer files (weights there are ignored)."""
+    out: Path
+    """HF model dir to create."""
+    dtype: str | None = None
+    """bf16, fp16 or fp32; default: the dtype the checkpoint stores."""
+    max_shard_bytes: int = 5 * 10**9
+    """Largest safetensors shard."""

@@ -156,32 +156,23 @@ def main(argv: list[str] | None = None) -> None:
         dataset_provider(args, data, tokenizer),
         ModelType.encoder_or_decoder,
         forward_step(args, correction, data.pack),
-        model_provider=model_provider(args, hf_config, use_te),
+        model_provider=model_provider(hf_config, use_te),
     )
 
 
-def model_provider(args, hf_config, use_transformer_engine: bool):
+def model_provider(hf_config, use_transformer_engine: bool):
     """Megatron's model-provider extension point for the HF-config student."""
     from megatron.training import get_args
-    from megatron.training.argument_utils import core_transformer_config_from_args
 
-    from megatron_dcod.models.student import StudentSpec, build_student, rope_theta
-
-    spec = StudentSpec(
-        padded_vocab_size=args.padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
-        tie_embeddings=not args.untie_embeddings_and_output_weights,
-        rotary_base=rope_theta(hf_config),
-        use_transformer_engine=use_transformer_engine,
-    )
+    from megatron_dcod.models.student import student_from_args
 
     def provide(
         pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None
     ):
-        transformer_config = core_transformer_config_from_args(get_args())
-        return build_student(
-            spec, transformer_config, pre_process, post_process, vp_stage, pg_collection
-        )
+        return student_from_args(
+            get_args(), hf_config, use_transformer_engine,
+            pre_process, post_process, vp_stage, pg_collection,
+        )  # fmt: skip
 
     return provide
 

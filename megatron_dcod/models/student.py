@@ -160,3 +160,28 @@ def build_student(
         vp_stage=vp_stage,
         pg_collection=pg_collection,
     )
+
+
+def student_from_args(
+    args,
+    hf_config,
+    use_transformer_engine: bool = False,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+    pg_collection=None,
+    **config_overrides,
+):
+    """The student built from Megatron's validated arguments (the trainer's model provider and
+    the checkpoint converters); `config_overrides` replace TransformerConfig fields."""
+    from megatron.training.argument_utils import core_transformer_config_from_args
+
+    spec = StudentSpec(
+        padded_vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        tie_embeddings=not args.untie_embeddings_and_output_weights,
+        rotary_base=rope_theta(hf_config),
+        use_transformer_engine=use_transformer_engine,
+    )
+    config = dataclasses.replace(core_transformer_config_from_args(args), **config_overrides)
+    return build_student(spec, config, pre_process, post_process, vp_stage, pg_collection)

@@ -20,3 +20,30 @@ def save_tiny_llama(directory: Path, vocab_size: int, seed: int = 0, layers: int
     )
     LlamaForCausalLM(config).save_pretrained(directory)
     return Path(directory)
+
+
+def save_tiny_family_model(
+    directory: Path, family: str, dtype=torch.float32, seed: int = 0, **overrides
+) -> Path:
+    """A random tiny causal LM of an HF family (GQA 4/2 heads, vocab 100), every parameter
+    drawn at random (norms and biases too, so a swapped tensor shows), saved in small shards."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = dict(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    config = AutoConfig.for_model(family, **{**settings, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.3)
+    model.to(dtype).save_pretrained(directory, max_shard_size="40KB")
+    return Path(directory)
