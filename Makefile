@@ -18,7 +18,7 @@ STAMP  := $(VENV)/.setup-done
 TORCH_SPEC         ?= torch==2.13.0
 MEGATRON_CORE_SPEC ?= megatron-core==0.19.2
 
-.PHONY: setup quickstart test clean
+.PHONY: setup quickstart test test-heavy clean
 
 setup: $(STAMP)
 
@@ -36,7 +36,10 @@ quickstart: setup
 	$(PY) examples/quickstart/run.py --out runs/quickstart
 
 test: setup
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -m "not heavy"
+
+test-heavy: setup
+	$(PY) -m pytest tests -q -m heavy
 
 clean:
 	rm -rf $(VENV) runs

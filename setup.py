@@ -32,6 +32,6 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
         "wandb": ["wandb"],
-        "test": ["pytest", "pytest-timeout", "black"],
+        "test": ["pytest", "pytest-timeout", "black", "accelerate"],  # accelerate: GGUF models
     },
 )

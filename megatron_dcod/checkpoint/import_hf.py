@@ -75,6 +75,7 @@ def import_hf(config: ImportConfig) -> Path:
 def _save(args, hf_config, reader: HFShardReader, directory: Path) -> None:
     from megatron.core import dist_checkpointing
     from megatron.training.checkpointing import generate_state_dict
+    from torch.distributed.checkpoint.api import CheckpointException
 
     model = meta_student(args, hf_config)
     state = generate_state_dict(
@@ -91,12 +92,16 @@ def _save(args, hf_config, reader: HFShardReader, directory: Path) -> None:
             progress.update()
             return source.chunk(*request)
 
-        dist_checkpointing.save(
-            state,
-            str(directory),
-            sharded_strategy=_streaming_strategy(chunk),
-            content_metadata=dict(CONTENT_METADATA),
-        )
+        try:
+            dist_checkpointing.save(
+                state,
+                str(directory),
+                sharded_strategy=_streaming_strategy(chunk),
+                content_metadata=dict(CONTENT_METADATA),
+            )
+        except CheckpointException as error:  # the writer wraps what went wrong; raise that
+            failures = [exception for exception, _ in error.failures.values()]
+            raise (failures[0] if failures else error) from None
 
 
 def _megatron_shapes(state) -> dict[str, tuple[int, ...]]:

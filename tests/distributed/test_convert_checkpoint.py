@@ -150,3 +150,84 @@ def test_trained_at_tp2_exports_to_the_same_model(converted, tmp_path):
     assert (logits - megatron["logits"]).abs().max() <= 1e-5
     assert not torch.allclose(logits, hf_logits(hf_dir), atol=1e-3)  # training moved the weights
     assert torch.equal(greedy, megatron["greedy"])
+
+
+def convert(*argv: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), *argv]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_refuses_unsupported_architecture(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path / "gpt2")
+    result = convert("import-hf", "--hf-dir", str(tmp_path / "gpt2"), "--out", str(tmp_path / "o"))
+    assert result.returncode == 1
+    assert "'gpt2' is not one of ('llama', 'qwen2', 'qwen3', 'mistral')" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_import_refusals_before_writing(converted, tmp_path):
+    hf_dir, _ = converted["llama"]
+    config = lambda **kw: ImportConfig(hf_dir, tmp_path / "out", **kw)  # noqa: E731
+    with pytest.raises(ValueError, match="size 3 does not divide the 4 attention heads"):
+        import_hf(config(tensor_model_parallel_size=3))
+    with pytest.raises(ValueError, match="size 4 does not divide the 2 layers"):
+        import_hf(config(pipeline_model_parallel_size=4))
+    with pytest.raises(FileExistsError, match="exists; choose a new --out"):
+        import_hf(ImportConfig(hf_dir, converted["qwen2"][1]))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for file in hf_dir.iterdir():
+        (broken / file.name).write_bytes(file.read_bytes())
+    shard = sorted(broken.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-64])
+    with pytest.raises(ValueError, match=f"{shard.name}: unreadable safetensors file"):
+        import_hf(ImportConfig(broken, tmp_path / "out"))
+    shard.unlink()
+    with pytest.raises(
+        ValueError, match=f"{shard.name}: shard listed in the checkpoint is missing"
+    ):
+        import_hf(ImportConfig(broken, tmp_path / "out"))
+    assert not list(tmp_path.glob("out*"))
+
+
+def convert_expecting_error(kind: str, config, pattern: str) -> None:
+    import re
+
+    from megatron_dcod.checkpoint.export_hf import export_hf
+
+    with pytest.raises((ValueError, FileExistsError)) as error:
+        (import_hf if kind == "import" else export_hf)(config)
+    assert re.search(pattern, str(error.value)), str(error.value)
+    assert not config.out.exists()
+    assert not config.out.with_name(config.out.name + ".partial").exists()
+
+
+def test_shape_and_vocab_mismatches_leave_nothing(converted, tmp_path):
+    """A config that does not fit the weights fails mid-write; a template whose vocabulary the
+    checkpoint's padding cannot explain fails the export; neither leaves output behind."""
+    hf_dir, imported = converted["llama"]
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    for file in hf_dir.iterdir():
+        (wrong / file.name).write_bytes(file.read_bytes())
+    settings = json.loads((wrong / "config.json").read_text())
+    (wrong / "config.json").write_text(json.dumps({**settings, "intermediate_size": 48}))
+    template = tmp_path / "template"
+    template.mkdir()
+    (template / "config.json").write_text(json.dumps({**settings, "vocab_size": 300}))
+    run_distributed_test(
+        expect_mismatch_errors, world_size=1, wrong=str(wrong), template=str(template),
+        imported=str(imported), out=str(tmp_path / "out"),
+    )  # fmt: skip
+
+
+def expect_mismatch_errors(wrong: str, template: str, imported: str, out: str) -> None:
+    config = ImportConfig(Path(wrong), Path(out), make_vocab_size_divisible_by=MULTIPLE)
+    convert_expecting_error(
+        "import", config, r"model-\d+-of-\d+\.safetensors: model\.layers\.0\.mlp\.\w+_proj\.weight "
+        r"has shape \((64, 32|32, 64)\), the config implies \((48, 32|32, 48)\)",
+    )  # fmt: skip
+    export = ExportConfig(Path(imported), Path(template), Path(out))
+    convert_expecting_error("export", export, "128 embedding rows, but vocab_size 300 .* gives 320")

