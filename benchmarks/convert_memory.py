@@ -35,11 +35,11 @@ def write_random_llama(directory: Path, layers: int, hidden: int) -> None:
     from megatron_dcod.checkpoint.hf_files import (
         PlannedTensor,
         StreamingSafetensorsWriter,
+        expected_hf_shapes,
         plan_shards,
         shard_file_names,
         write_index,
     )
-    from megatron_dcod.checkpoint.import_hf import expected_hf_shapes
 
     config = LlamaConfig(
         vocab_size=32000,

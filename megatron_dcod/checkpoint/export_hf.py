@@ -17,12 +17,12 @@ import torch
 from megatron_dcod.checkpoint.hf_files import (
     PlannedTensor,
     StreamingSafetensorsWriter,
+    expected_hf_shapes,
     plan_shards,
     shard_file_names,
     write_index,
 )
 from megatron_dcod.checkpoint.hf_mapping import Geometry, TensorRule, hf_names, rules_for, to_hf
-from megatron_dcod.checkpoint.import_hf import expected_hf_shapes
 from megatron_dcod.checkpoint.megatron_side import (
     resolve_checkpoint_dir,
     single_process_group,
@@ -81,16 +81,17 @@ def export_hf(config: ExportConfig) -> Path:
     directory = resolve_checkpoint_dir(config.ckpt)
     with written_atomically(config.out) as partial, single_process_group():
         checkpoint = MegatronCheckpoint(directory)
-        rules = _applicable_rules(checkpoint, family, hf_config)
+        shapes = _hf_shapes(hf_config)
+        rules = _applicable_rules(checkpoint, family, hf_config, set(shapes))
         geometry = Geometry.of(hf_config, _padded_vocab(checkpoint, hf_config))
         stored = checkpoint.tensors["embedding.word_embeddings.weight"][1]
         dtype = DTYPES[config.dtype] if config.dtype else stored
-        _write_tensors(checkpoint, rules, geometry, hf_config, dtype, partial, config)
+        _write_tensors(checkpoint, rules, geometry, shapes, dtype, partial, config)
         _copy_template(config.hf_template, partial, hf_config, dtype)
     return config.out
 
 
-def _applicable_rules(checkpoint, family: dict, hf_config) -> dict[str, TensorRule]:
+def _applicable_rules(checkpoint, family: dict, hf_config, needed: set) -> dict[str, TensorRule]:
     """The family rules whose keys the checkpoint has; they must make every HF tensor."""
     unknown = sorted(set(checkpoint.tensors) - set(family))
     if unknown:
@@ -100,7 +101,6 @@ def _applicable_rules(checkpoint, family: dict, hf_config) -> dict[str, TensorRu
         )
     rules = {key: rule for key, rule in family.items() if key in checkpoint.tensors}
     made = hf_names(rules.values(), hf_config.num_hidden_layers)
-    needed = set(_hf_plan_names(hf_config))
     if made != needed:
         raise ValueError(
             f"{checkpoint.directory}: its tensors make HF tensors {sorted(made - needed)[:8]} "
@@ -120,24 +120,25 @@ def _applicable_rules(checkpoint, family: dict, hf_config) -> dict[str, TensorRu
     return rules
 
 
-def _hf_plan_names(hf_config) -> list[str]:
-    names = list(expected_hf_shapes(hf_config))
+def _hf_shapes(hf_config) -> dict[str, tuple[int, ...]]:
+    """The HF tensors to write: the architecture's, without a tied head (saved as embedding)."""
+    shapes = expected_hf_shapes(hf_config)
     if hf_config.tie_word_embeddings:
-        names.remove("lm_head.weight")  # saved once, as the embedding
-    return names
+        del shapes["lm_head.weight"]
+    return shapes
 
 
 def _padded_vocab(checkpoint, hf_config) -> int:
     """Embedding rows; they must be the template's vocabulary padded as Megatron pads it."""
+    from megatron.core.tokenizers.utils.build_tokenizer import vocab_size_with_padding
+
     rows = checkpoint.tensors["embedding.word_embeddings.weight"][0][0]
-    args = checkpoint.args
-    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
-    padded = -(-hf_config.vocab_size // multiple) * multiple
+    padded = vocab_size_with_padding(hf_config.vocab_size, checkpoint.args, logging_enabled=False)
     if rows != padded:
         raise ValueError(
             f"{checkpoint.directory}: {rows} embedding rows, but vocab_size "
-            f"{hf_config.vocab_size} of {hf_config.name_or_path} padded to a multiple of "
-            f"{multiple} gives {padded}"
+            f"{hf_config.vocab_size} of {hf_config.name_or_path} padded as the trainer pads it "
+            f"gives {padded}"
         )
     return rows
 
@@ -149,11 +150,10 @@ def _units(rules: dict, layers: int) -> list[tuple[int | None, list[TensorRule]]
     return [(layer, per_layer) for layer in range(layers)] + [(None, other)]
 
 
-def _write_tensors(checkpoint, rules, geometry, hf_config, dtype, out: Path, config) -> None:
+def _write_tensors(checkpoint, rules, geometry, shapes, dtype, out: Path, config) -> None:
     from tqdm import tqdm
 
-    shapes = expected_hf_shapes(hf_config)
-    units = _units(rules, hf_config.num_hidden_layers)
+    units = _units(rules, checkpoint.args.num_layers)
     plan = [
         PlannedTensor(name, shapes[name], dtype)
         for layer, unit in units
@@ -163,19 +163,17 @@ def _write_tensors(checkpoint, rules, geometry, hf_config, dtype, out: Path, con
     shards = plan_shards(plan, config.max_shard_bytes)
     files = shard_file_names(len(shards))
     writers = iter(StreamingSafetensorsWriter(out / f, s) for f, s in zip(files, shards))
-    writer, left = next(writers), len(shards[0])
+    writer = next(writers)
     for layer, unit in tqdm(units, desc="export", unit="layer"):
         loaded = checkpoint.read([rule.megatron for rule in unit], layer)
         for rule in unit:
             for name, tensor in zip(
                 rule.hf_names(layer), to_hf(rule, loaded[rule.megatron], geometry)
             ):
-                if left == 0:
+                if writer.done:
                     writer.close()
                     writer = next(writers)
-                    left = len(writer.plan)
                 writer.write(name, tensor.to(dtype))
-                left -= 1
         del loaded
     writer.close()
     write_index(out, shards, files)

@@ -148,9 +148,13 @@ class StreamingSafetensorsWriter:
         self.file.write(data.numpy().data)
         self.written += 1
 
+    @property
+    def done(self) -> bool:
+        return self.written == len(self.plan)
+
     def close(self) -> None:
         self.file.close()
-        if self.written != len(self.plan):
+        if not self.done:
             raise HFCheckpointError(
                 f"{self.path}: {len(self.plan) - self.written} tensors unwritten"
             )
@@ -164,3 +168,12 @@ def write_index(directory: Path, shards: list[list[PlannedTensor]], files: list[
     total = sum(t.nbytes for shard in shards for t in shard)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def expected_hf_shapes(hf_config) -> dict[str, tuple[int, ...]]:
+    """Name → shape of every tensor of the HF architecture (built on the meta device)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_dcod.config import ImportConfig
-from megatron_dcod.checkpoint.hf_files import HFCheckpointError, HFShardReader
+from megatron_dcod.checkpoint.hf_files import HFCheckpointError, HFShardReader, expected_hf_shapes
 from megatron_dcod.checkpoint.hf_mapping import (
     HF_IGNORED_SUFFIXES,
     Geometry,
@@ -177,15 +177,6 @@ class HFSource:
         inner = zip(offsets[1:], sizes[1:]) if per_layer else zip(offsets, sizes)
         part = whole[tuple(slice(start, start + size) for start, size in inner)]
         return part.reshape(sizes).to(dtype).contiguous()
-
-
-def expected_hf_shapes(hf_config) -> dict[str, tuple[int, ...]]:
-    """Name → shape of every tensor of the HF architecture (built on the meta device)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
 def _streaming_strategy(make_chunk: Callable):

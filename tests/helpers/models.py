@@ -30,17 +30,9 @@ def save_tiny_family_model(
     drawn at random (norms and biases too, so a swapped tensor shows), saved in small shards."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    settings = dict(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-    config = AutoConfig.for_model(family, **{**settings, **overrides})
+    from tests.helpers.traces import save_hf_config
+
+    config = AutoConfig.from_pretrained(save_hf_config(directory, family, vocab=100, **overrides))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
