@@ -28,6 +28,7 @@ setup(
         "tqdm",
         "typing_extensions",
         "tensorboard",  # --tensorboard-dir (Megatron writes through torch.utils.tensorboard)
+        "math-verify==0.9.0",  # tools/eval_math.py grading: pinned, reported with every score
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],

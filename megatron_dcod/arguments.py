@@ -15,6 +15,7 @@ from megatron_dcod.config import (
     NORMALIZATIONS,
     WEIGHTINGS,
     CorrectionConfig,
+    EvalConfig,
     ExportConfig,
     ImportConfig,
     PreprocessConfig,
@@ -234,4 +235,64 @@ def convert_config_from_args(args: argparse.Namespace) -> ImportConfig | ExportC
         out=args.out,
         dtype=args.dtype,
         max_shard_bytes=args.max_shard_size,
+    )
+
+
+def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`tools/eval_math.py`; fields documented on EvalConfig."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--benchmark", required=True, metavar="NAME")
+    data.add_argument("--data", required=True, metavar="PATH_OR_HF_NAME")
+    data.add_argument("--split")
+    data.add_argument("--limit", type=int)
+    data.add_argument("--problem-field")
+    data.add_argument("--answer-field")
+    data.add_argument("--gold-vs-gold", action="store_true")
+    model = parser.add_argument_group("model and output")
+    model.add_argument("--model", type=Path, metavar="DIR")
+    model.add_argument("--out", type=Path, metavar="DIR")
+    model.add_argument("--backend", choices=("auto", "hf", "vllm"), default="auto")
+    model.add_argument("--device")
+    model.add_argument("--dtype", choices=("fp32", "bf16", "fp16"))
+    model.add_argument("--batch-size", type=int)
+    model.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    sampling = parser.add_argument_group("prompt and sampling (default: the benchmark's)")
+    sampling.add_argument("--system-prompt")
+    sampling.add_argument("--prompt-template", default=EvalConfig.prompt_template)
+    sampling.add_argument("--temperature", type=float)
+    sampling.add_argument("--top-p", type=float)
+    sampling.add_argument("--max-new-tokens", type=int)
+    sampling.add_argument("--samples", "-k", type=int)
+    sampling.add_argument("--seed", type=int, default=0)
+    sampling.add_argument("--grading-timeout", type=int, default=5)
+    return parser
+
+
+def eval_config_from_args(args: argparse.Namespace) -> EvalConfig:
+    if args.model is None and not args.gold_vs_gold:
+        raise SystemExit("error: --model is required (unless --gold-vs-gold)")
+    model_name = args.model.name if args.model else "gold"
+    return EvalConfig(
+        model=args.model,
+        benchmark=args.benchmark,
+        data=args.data,
+        out=args.out or Path("runs", "eval", model_name, args.benchmark),
+        split=args.split,
+        limit=args.limit,
+        problem_field=args.problem_field,
+        answer_field=args.answer_field,
+        system_prompt=args.system_prompt,
+        prompt_template=args.prompt_template,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        samples=args.samples,
+        seed=args.seed,
+        backend=args.backend,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        tensor_parallel_size=args.tensor_model_parallel_size,
+        grading_timeout=args.grading_timeout,
+        gold_vs_gold=args.gold_vs_gold,
     )

