@@ -2,7 +2,8 @@
 
 Data comes from `--data`: a local JSONL / JSON / Parquet file, a local HF dataset dir
 (`save_to_disk` output or data files), or a Hugging Face hub dataset name read with
-`datasets.load_dataset(name, split=...)` (from the local cache when offline). Every benchmark
+`datasets.load_dataset(name, config, split=...)`, written `owner/name[:config]` (from the local
+cache when offline). Every benchmark
 names the fields that hold the problem (the first present one is used) and how the gold answer
 is obtained; `custom` reads `problem` / `answer` records.
 
@@ -22,7 +23,7 @@ from typing import Any, Callable, Iterator
 from megatron_dcod.data.records import RecordError, RecordLocation, iter_raw_records
 from megatron_dcod.eval.grading import hash_answer, last_boxed
 
-_HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
+_HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+(:[\w.-]+)?$")  # owner/name[:config]
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,8 @@ def _records(data: str, split: str) -> Iterator[tuple[RecordLocation, Any]]:
     if not Path(data).exists() and _HUB_NAME.match(data):
         import datasets
 
-        for index, row in enumerate(datasets.load_dataset(data, split=split)):
+        name, _, subset = data.partition(":")
+        for index, row in enumerate(datasets.load_dataset(name, subset or None, split=split)):
             yield RecordLocation(data, index), row
         return
     yield from iter_raw_records(data, split)

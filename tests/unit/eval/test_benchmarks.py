@@ -133,3 +133,20 @@ def test_unreadable_data(tmp_path):
         load_problems(get_benchmark("custom"), str(tmp_path / "empty.jsonl"))
     with pytest.raises(ValueError, match="unknown benchmark 'gsm9k'; known: gsm8k"):
         get_benchmark("gsm9k")
+
+
+def test_hub_dataset_names_go_to_load_dataset(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def load_dataset(name, subset, split):
+        calls.append((name, subset, split))
+        return FIXTURES["gsm8k"]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    problems = load_problems(get_benchmark("gsm8k"), "openai/gsm8k:main", split="test")
+    assert [p.gold for p in problems] == EXPECTED_GOLD["gsm8k"]
+    assert problems[1].location == "openai/gsm8k:main record 1"
+    load_problems(get_benchmark("aime25"), "someone/aime25")
+    assert calls == [("openai/gsm8k", "main", "test"), ("someone/aime25", None, "test")]
