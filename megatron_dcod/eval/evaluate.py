@@ -12,10 +12,20 @@ from tqdm import tqdm
 
 from megatron_dcod.config import EvalConfig
 from megatron_dcod.data.chat import ChatTokenizer
-from megatron_dcod.eval.benchmarks import Benchmark, Problem, get_benchmark, load_problems
-from megatron_dcod.eval.benchmarks import with_fields
-from megatron_dcod.eval.generation import Generation, HFBackend, SamplingConfig, VLLMBackend
-from megatron_dcod.eval.generation import choose_backend
+from megatron_dcod.eval.benchmarks import (
+    Benchmark,
+    Problem,
+    get_benchmark,
+    load_problems,
+    with_fields,
+)
+from megatron_dcod.eval.generation import (
+    Generation,
+    HFBackend,
+    SamplingConfig,
+    VLLMBackend,
+    choose_backend,
+)
 from megatron_dcod.eval.grading import Grader, grader_version
 from megatron_dcod.eval.metrics import has_repetition_loop, summarize
 from megatron_dcod.eval.outputs import RunDir, markdown_report

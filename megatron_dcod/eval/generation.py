@@ -83,9 +83,8 @@ class HFBackend:
         self.tokenizer = tokenizer
         self.device = device
         self.batch_size = batch_size
-        self.pad_id = tokenizer.pad_token_id
-        if self.pad_id is None:
-            self.pad_id = tokenizer.eos_token_id
+        pad_id = tokenizer.pad_token_id
+        self.pad_id = tokenizer.eos_token_id if pad_id is None else pad_id
         self.stop_ids = stop_token_ids(self.model.generation_config, tokenizer)
         config = self.model.config
         self.context = getattr(config, "max_position_embeddings", None) or 2**31
@@ -95,9 +94,8 @@ class HFBackend:
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
-            for index, generation in zip(
-                batch, self._generate_or_split(prompts, batch, sampling, seeds)
-            ):
+            generations = self._generate_or_split(prompts, batch, sampling, seeds)
+            for index, generation in zip(batch, generations):
                 results[index] = generation
         return results
 
