@@ -8,6 +8,7 @@ supervised when its first character lies inside such a span; token 0 never is.
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -58,7 +59,11 @@ class ChatTokenizer:
             raise ValueError(
                 f"{tokenizer_dir}: the tokenizer has neither a chat template nor an EOS token"
             )
-        self.fingerprint = TokenizerFingerprint.of(self.tokenizer, self.chat_template)
+
+    @cached_property
+    def fingerprint(self) -> TokenizerFingerprint:
+        """Computed when first asked for (hashing the vocabulary is not free)."""
+        return TokenizerFingerprint.of(self.tokenizer, self.chat_template)
 
     def render(self, messages: Messages, add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(

@@ -120,7 +120,7 @@ class ParsedRecord:
 def parse_record(payload: Any, location: RecordLocation, fields: RecordFields) -> ParsedRecord:
     """Turn a raw payload into a ParsedRecord, or raise RecordError saying what is wrong."""
     if isinstance(payload, (bytes, str)):
-        payload = _loads(payload, location)
+        payload = loads_record(payload, location)
     if not isinstance(payload, dict):
         raise RecordError(location, f"a record must be a JSON object, got {type(payload).__name__}")
     record = dict(payload)
@@ -132,8 +132,8 @@ def parse_record(payload: Any, location: RecordLocation, fields: RecordFields) -
     return ParsedRecord(messages=messages, sidecar=sidecar, **teacher)
 
 
-def _loads(line: bytes | str, location: RecordLocation) -> Any:
-    """orjson (fast), falling back to json, which also reads NaN / Infinity (then rejected by
+def loads_record(line: bytes | str, location: RecordLocation) -> Any:
+    """One JSON record; RecordError naming its location when malformed. orjson (fast), falling back to json, which also reads NaN / Infinity (then rejected by
     the log-prob checks with a precise message rather than as malformed JSON)."""
     try:
         return orjson.loads(line)

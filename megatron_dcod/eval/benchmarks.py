@@ -13,14 +13,12 @@ mean over k samples at T = 0.6, top-p 0.95 on AIME and AMC.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from megatron_dcod.data.records import RecordError, RecordLocation, iter_raw_records
+from megatron_dcod.data.records import RecordError, RecordLocation, iter_raw_records, loads_record
 from megatron_dcod.eval.grading import hash_answer, last_boxed
 
 _HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+(:[\w.-]+)?$")  # owner/name[:config]
@@ -166,14 +164,6 @@ def load_problems(
     return problems
 
 
-def problems_fingerprint(problems: list[Problem]) -> str:
-    """Hash of the problems and golds, so that a resumed run refuses different data."""
-    digest = hashlib.sha256()
-    for problem in problems:
-        digest.update(json.dumps([problem.text, problem.gold]).encode())
-    return digest.hexdigest()[:16]
-
-
 def _records(data: str, split: str) -> Iterator[tuple[RecordLocation, Any]]:
     if not Path(data).exists() and _HUB_NAME.match(data):
         import datasets
@@ -187,10 +177,7 @@ def _records(data: str, split: str) -> Iterator[tuple[RecordLocation, Any]]:
 
 def _problem(benchmark: Benchmark, index: int, location: RecordLocation, payload: Any) -> Problem:
     if isinstance(payload, (bytes, str)):
-        try:
-            payload = json.loads(payload)
-        except ValueError as error:
-            raise RecordError(location, f"malformed JSON: {error}", malformed_json=True) from error
+        payload = loads_record(payload, location)
     if not isinstance(payload, dict):
         raise RecordError(location, f"a record must be a JSON object, got {type(payload).__name__}")
     text = next((payload[f] for f in benchmark.problem_fields if payload.get(f)), None)

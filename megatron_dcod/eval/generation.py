@@ -91,8 +91,14 @@ class HFBackend:
 
     def generate(self, prompts, sampling, seeds):
         results: list[Generation | None] = [None] * len(prompts)
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths
-        for start in range(0, len(order), self.batch_size):
+        for i, prompt in enumerate(prompts):
+            if len(prompt) >= self.context:
+                message = f"prompt of {len(prompt)} tokens fills the model's context"
+                results[i] = Generation("", error=f"{message} ({self.context})")
+        order = sorted(
+            (i for i, r in enumerate(results) if r is None), key=lambda i: -len(prompts[i])
+        )
+        for start in range(0, len(order), self.batch_size):  # sorted: similar lengths together
             batch = order[start : start + self.batch_size]
             generations = self._generate_or_split(prompts, batch, sampling, seeds)
             for index, generation in zip(batch, generations):
@@ -101,12 +107,7 @@ class HFBackend:
 
     def _generate_or_split(self, prompts, batch, sampling, seeds) -> list[Generation]:
         """The batch at once; after a failure each prompt alone, so only failing ones fail."""
-        if len(batch) == 1 and len(prompts[batch[0]]) >= self.context:
-            message = f"prompt of {len(prompts[batch[0]])} tokens fills the model's context"
-            return [Generation("", error=f"{message} ({self.context})")]
         try:
-            if any(len(prompts[i]) >= self.context for i in batch):
-                raise ValueError("a prompt fills the model's context")
             return self._generate_batch(prompts, batch, sampling, seeds)
         except Exception as error:  # OOM, NaN logits, ...: retry alone to isolate the culprit
             if len(batch) == 1:

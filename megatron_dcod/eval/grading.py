@@ -112,6 +112,7 @@ class Grader:
         """Never raises for a bad response: failures become a wrong grade with the reason."""
         if not response.strip():
             return Grade(False, None, "empty output")
+        extracted = None
         try:
             extracted = self.extract(response)
             if extracted is None:
@@ -124,9 +125,9 @@ class Grader:
                 gold_parsed, predicted, timeout_seconds=self.timeout_seconds, raise_on_error=True
             )
         except self._mv.errors.TimeoutException:
-            return Grade(False, locals().get("extracted"), "grading timed out")
+            return Grade(False, extracted, "grading timed out")
         except Exception as error:  # sympy can fail in many ways on odd input
-            return Grade(False, locals().get("extracted"), f"grading error: {error!r}"[:300])
+            return Grade(False, extracted, f"grading error: {error!r}"[:300])
         return Grade(correct, extracted, "correct" if correct else "wrong answer")
 
     def _parse(self, text: str, config: list) -> list:
