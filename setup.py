@@ -34,5 +34,6 @@ setup(
         "gpu": ["transformer-engine[pytorch]"],
         "wandb": ["wandb"],
         "test": ["pytest", "pytest-timeout", "black", "accelerate"],  # accelerate: GGUF models
+        "examples": ["matplotlib"],  # the quickstart's plot
     },
 )

@@ -139,6 +139,14 @@ def add_dcod_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         action="store_true",
         help="one trace per sequence (padded) instead of packing traces",
     )
+    student.add_argument(
+        "--dcod-dry-run",
+        type=int,
+        metavar="WORLD_SIZE",
+        default=None,
+        help="validate the flags for a run of WORLD_SIZE processes and exit: no GPU, data or "
+        "process group needed (slurm/train_7b.sh with DRY_RUN=1)",
+    )
     dcod = parser.add_argument_group("megatron-dcod correction (METHOD.md)")
     defaults = CorrectionConfig()
     dcod.add_argument("--dcod-weighting", choices=WEIGHTINGS, default=defaults.weighting)

@@ -9,7 +9,9 @@ configs once and hands those to the library code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -113,14 +115,70 @@ def check_packing(args, pack: bool) -> None:
         raise SystemExit("--context-parallel-size > 1 is not supported yet")
 
 
+def dry_run(argv: list[str], world_size: int) -> str:
+    """Check a command line as a run of `world_size` processes would, without starting one:
+    Megatron's parser and its validation (TP × PP × DP = world size, global batch = micro ×
+    DP × accumulation, flag combinations), then ours (architecture, correction and data
+    configs, packing). No dataset, GPU or process group is touched; without a GPU (a login
+    node) the CPU mode answers Megatron's device checks as a Hopper-class GPU, and the flags
+    are those this machine would run (the unfused ones without Transformer Engine). Returns a
+    one-line summary; a bad flag exits non-zero with the parser's message."""
+    apply_cpu_mode()  # a no-op where CUDA is available; makes megatron importable on 3.11
+    from megatron.training.arguments import parse_args, validate_args
+
+    from megatron_dcod.arguments import (
+        add_dcod_args,
+        correction_config_from_args,
+        trace_data_config_from_args,
+    )
+    from megatron_dcod.models.student import check_sequence_length, load_hf_config
+
+    os.environ.update(WORLD_SIZE=str(world_size), RANK="0", LOCAL_RANK="0")
+    sys.argv = [sys.argv[0], *megatron_argv(argv, cpu=False)]
+    try:  # Megatron prints every argument on rank 0: not part of the summary
+        with contextlib.redirect_stdout(io.StringIO()):
+            args = parse_args(extra_args_provider=add_dcod_args)  # argparse errors exit here
+            validate_args(args)
+    except (AssertionError, ValueError, RuntimeError) as error:  # Megatron's rules
+        raise SystemExit(f"megatron rejects the flags: {error}") from None
+    check_sequence_length(load_hf_config(args.hf_config), args.seq_length)
+    correction = correction_config_from_args(args)
+    check_packing(args, trace_data_config_from_args(args, correction).pack)
+    return dry_run_summary(args, world_size, correction.weighting)
+
+
+def dry_run_summary(args, world_size: int, weighting: str) -> str:
+    """One line: the layout, the batch arithmetic, precision and correction of a checked run."""
+    dp, micro = args.data_parallel_size, args.micro_batch_size
+    accumulation = args.global_batch_size // (micro * dp)
+    fp8 = f"fp8 {args.fp8}" if args.fp8 else "no fp8"
+    if args.fp8 and not fused_kernels_available():
+        fp8 += " (note: needs Transformer Engine, which this machine lacks)"
+    return (
+        f"flags OK for {world_size} processes: TP {args.tensor_model_parallel_size} × "
+        f"PP {args.pipeline_model_parallel_size} × DP {dp}; global batch "
+        f"{args.global_batch_size} = micro {micro} × DP {dp} × {accumulation} accumulation "
+        f"steps; seq length {args.seq_length}; {args.params_dtype}, {fp8}; weighting {weighting}"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--dcod-dry-run", type=int, default=None)
+    world_size = peek.parse_known_args(argv)[0].dcod_dry_run
+    if world_size is not None:
+        try:
+            print(dry_run(argv, world_size), flush=True)
+        except ValueError as error:  # --hf-config, --seq-length, --dcod-* values
+            raise SystemExit(f"error: {error}") from None
+        return
     cpu = apply_cpu_mode()
     if cpu:  # Megatron checks it for TP/CP; it means nothing without CUDA
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     ensure_python_compat()
     use_prebuilt_dataset_helpers()
     make_distributed_optimizer_resumable()
-    argv = sys.argv[1:] if argv is None else argv
     sys.argv = [sys.argv[0], *megatron_argv(argv, cpu)]
 
     from megatron.core.enums import ModelType

@@ -1,122 +1,270 @@
 #!/usr/bin/env python
-"""The CPU quickstart (`make quickstart`): bundled example traces → a trace dataset → inspection.
+"""The CPU quickstart (`make quickstart`): the whole pipeline on a synthetic task, SFT vs DCOD.
 
-Steps (each prints the command a user would type):
-  1. train a tiny byte-level BPE tokenizer on the example traces (no downloads);
-  2. make a tiny Llama-family "teacher" (random weights for now: a stand-in until the
-     quickstart trains one) and save it as an HF model dir;
-  3. tools/preprocess_traces.py: chat template, loss mask, teacher log-probs and top-4 scored
-     by that model, 2 tokenizer workers;
-  4. tools/inspect_traces.py: dataset statistics and the first trace as aligned columns;
-  5. train the tiny student preset (examples/presets/tiny-llama) with DCOD weights on 2 CPU
-     processes at TP=2 (`torchrun ... -m megatron_dcod.train`), checkpoint, then resume it for
-     more steps from that checkpoint.
+  1. tokenizer   byte-level BPE trained on the task's text (no downloads)
+  2. teacher     a tiny Llama pre-trained briefly on teacher-style solutions (competent, imperfect)
+  3. student     a smaller Llama pre-trained more briefly on student-style solutions
+  4. traces      the teacher samples solutions of new problems with its log-probs and top-4
+                 (the fields a vLLM teacher returns); correct ones are kept, as in rejection
+                 sampling; held-out problems are written for evaluation
+  5. preprocess  tools/preprocess_traces.py → a trace dataset
+  6. import      tools/convert_checkpoint.py import-hf: the student → Megatron at TP=2
+  7. train       python -m megatron_dcod.train on 2 CPU processes at TP=2, once with SFT
+                 weights and once with DCOD weights, from the same student
+  8. export      tools/convert_checkpoint.py export-hf: both students → HF dirs
+  9. evaluate    tools/eval_math.py (custom JSONL) on the held-out problems: teacher, student
+                 before, SFT, DCOD; then a side-by-side table and a PNG of the training curves
+
+Every command is printed before it runs. Running the script again resumes: finished stages are
+skipped (training resumes from its last checkpoint, evaluation from its generations).
 """
+
+from __future__ import annotations
 
 import argparse
 import json
 import shlex
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path[:0] = [str(HERE), str(ROOT)]
 
-from megatron_dcod.data.tiny_tokenizer import train_tiny_tokenizer  # noqa: E402
+import arithmetic  # noqa: E402
+import report  # noqa: E402
 
-TRACES = Path(__file__).with_name("traces.jsonl")
+TRAIN_PROBLEMS, TRACE_PROBLEMS, HELDOUT_PROBLEMS = 4000, 1500, 200
+MODEL_SIZES = {"teacher": (96, 3, 4, 400), "student": (64, 2, 4, 200)}
+"""hidden size, layers, attention heads, pre-training steps (batch 32): the teacher is bigger
+and trained longer than the student."""
+TP = 2
+METHODS = {"sft": ["--dcod-weighting", "sft"], "dcod": ["--dcod-weighting", "dcod"]}
+"""The two students trained from the same start: flags added to the training command."""
 
 
-def run(command: list[str]) -> None:
-    print(f"\n$ {shlex.join(command)}", flush=True)
-    subprocess.run(command, check=True, cwd=ROOT)
+@dataclass(frozen=True)
+class Paths:
+    """Where each stage writes, under --out."""
+
+    out: Path
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.out / "tokenizer"
+
+    @property
+    def data(self) -> Path:
+        return self.out / "data"
+
+    @property
+    def traces(self) -> Path:
+        """Prefix of the trace dataset."""
+        return self.out / "data" / "traces"
+
+    @property
+    def student_init(self) -> Path:
+        """The initial student as a Megatron checkpoint (both methods start from it)."""
+        return self.out / "checkpoints" / "student-init"
+
+    def model(self, role: str) -> Path:
+        """HF dir of the teacher, the initial student, or a trained method's student."""
+        return self.out / role if role in MODEL_SIZES else self.out / "hf" / role
+
+    def checkpoints(self, method: str) -> Path:
+        return self.out / "checkpoints" / method
 
 
-def make_teacher(tokenizer_dir: Path, out_dir: Path) -> None:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+class Stages:
+    """Numbered stage headings with the elapsed time; finished stages are announced skipped."""
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    def __init__(self, total: int):
+        self.total, self.number, self.started = total, 0, time.monotonic()
+
+    def __call__(self, title: str, done: bool = False) -> bool:
+        """Print the heading; True when the stage still has to run."""
+        self.number += 1
+        elapsed = time.monotonic() - self.started
+        skipped = " (done, skipped)" if done else ""
+        print(
+            f"\n[{self.number}/{self.total}] {title}{skipped}   [{elapsed / 60:.1f} min]",
+            flush=True,
+        )
+        return not done
+
+    def minutes(self) -> float:
+        return (time.monotonic() - self.started) / 60
+
+
+def run(command: list) -> None:
+    print(f"\n$ {shlex.join(map(str, command))}", flush=True)
+    subprocess.run(list(map(str, command)), check=True, cwd=ROOT)
+
+
+def tool(name: str, *args) -> list:
+    return [sys.executable, f"tools/{name}", *args]
+
+
+def is_hf_dir(path: Path) -> bool:
+    return (path / "config.json").exists() and any(path.glob("*.safetensors"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "quickstart")
+    parser.add_argument("--train-iters", type=int, default=300, help="steps of each student")
     args = parser.parse_args()
-    out = args.out.resolve()
-    records = [json.loads(line) for line in TRACES.read_text().splitlines()]
+    paths, stage = Paths(args.out.resolve()), Stages(total=11)
+    problems = task_problems()
+    if stage("tokenizer: byte-level BPE trained on the task's text", paths.tokenizer.exists()):
+        make_tokenizer(problems["train"], paths.tokenizer)
+    for role in MODEL_SIZES:
+        hidden, layers, _, steps = MODEL_SIZES[role]
+        title = f"{role}: Llama {layers}×{hidden}, {steps} steps on {role}-style solutions"
+        if stage(title, is_hf_dir(paths.model(role))):
+            pretrain(role, problems["train"], paths)
+    if stage(
+        "teacher traces with log-probs; held-out problems", (paths.data / "heldout.jsonl").exists()
+    ):
+        write_traces(paths.model("teacher"), problems, paths.data)
+    if stage("preprocess the traces", paths.traces.with_suffix(".meta.json").exists()):
+        run(tool("preprocess_traces.py", "--input", paths.data / "teacher_traces.jsonl",
+                 "--output-prefix", paths.traces, "--tokenizer", paths.tokenizer,
+                 "--workers", "2", "--max-seq-length", "256"))  # fmt: skip
+        run(tool("inspect_traces.py", paths.traces, "--index", "0", "--max-rows", "40"))
+    if stage(f"import the student to Megatron at TP={TP}", paths.student_init.exists()):
+        run(tool("convert_checkpoint.py", "import-hf", "--hf-dir", paths.model("student"),
+                 "--out", paths.student_init, "--tensor-model-parallel-size", TP))  # fmt: skip
+    for method, flags in METHODS.items():
+        done = report.latest_iteration(paths.checkpoints(method)) == args.train_iters
+        if stage(f"train the {method.upper()} student, {args.train_iters} steps, TP={TP}", done):
+            run(train_command(paths, method, args.train_iters) + flags)
+    for method in METHODS:
+        if stage(f"export the {method.upper()} student to HF", is_hf_dir(paths.model(method))):
+            run(tool("convert_checkpoint.py", "export-hf", "--ckpt", paths.checkpoints(method),
+                     "--hf-template", paths.model("student"), "--out", paths.model(method)))  # fmt: skip
+    stage("evaluate the four models on the held-out problems")
+    models = evaluate(paths)
+    print("\n" + report.side_by_side(paths.out, models, METHODS, plot=paths.out / "curves.png"))
+    print(f"\nquickstart finished in {stage.minutes():.1f} min; everything is in {paths.out}")
 
-    print(f"[1/5] tokenizer: byte-level BPE trained on {len(records)} example traces")
-    tokenizer_dir = out / "tokenizer"
-    train_tiny_tokenizer((r["prompt"] + "\n" + r["response"] for r in records), tokenizer_dir)
 
-    print("[2/5] teacher: a tiny random Llama-family HF model (stand-in)")
-    teacher_dir = out / "teacher"
-    make_teacher(tokenizer_dir, teacher_dir)
+def evaluate(paths: Paths) -> dict[str, Path]:
+    """tools/eval_math.py on the held-out problems (greedy); returns {table name: model dir}."""
+    models = {"teacher": paths.model("teacher"), "student (before)": paths.model("student")}
+    models |= {method.upper(): paths.model(method) for method in METHODS}
+    for model_dir in models.values():
+        run(tool("eval_math.py", "--model", model_dir, "--benchmark", "custom",
+                 "--data", paths.data / "heldout.jsonl", "--prompt-template", "{problem}",
+                 "--max-new-tokens", "96", "--batch-size", "50",
+                 "--out", paths.out / "eval" / model_dir.name))  # fmt: skip
+    return models
 
-    print("[3/5] preprocess the traces")
-    prefix = out / "data" / "traces"
-    run(
-        [
-            sys.executable,
-            "tools/preprocess_traces.py",
-            "--input",
-            str(TRACES),
-            "--output-prefix",
-            str(prefix),
-            "--tokenizer",
-            str(tokenizer_dir),
-            "--score-with",
-            str(teacher_dir),
-            "--score-topk",
-            "4",
-            "--workers",
-            "2",
-            "--max-seq-length",
-            "256",
-            "--overwrite",
-        ]
+
+def make_tokenizer(problems: list[arithmetic.Problem], out_dir: Path) -> None:
+    from megatron_dcod.data.tiny_tokenizer import train_tiny_tokenizer
+
+    texts = [
+        "\n".join((p.text, arithmetic.teacher_solution(p), arithmetic.student_solution(p)))
+        for p in problems
+    ]
+    train_tiny_tokenizer(texts, out_dir)
+
+
+def pretrain(role: str, problems: list[arithmetic.Problem], paths: Paths) -> None:
+    """A fresh tiny Llama of `role`'s size trained on `role`'s solutions, saved as an HF dir."""
+    import tiny_models
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(paths.tokenizer)
+    hidden, layers, heads, steps = MODEL_SIZES[role]
+    model = tiny_models.make_llama(tokenizer, hidden, layers, heads, seed=len(role))
+    examples = tiny_models.chat_examples(paths.tokenizer, pretraining_pairs(role, problems))
+    losses = tiny_models.pretrain(model, examples, steps, batch_size=32, lr=3e-3, desc=role)
+    tiny_models.save(model, tokenizer, paths.model(role))
+    (paths.model(role) / "pretrain_losses.json").write_text(json.dumps(losses))
+
+
+def task_problems() -> dict[str, list[arithmetic.Problem]]:
+    """Disjoint problem sets: pre-training, teacher traces, held-out evaluation."""
+    train = arithmetic.problems(TRAIN_PROBLEMS, seed=1)
+    seen = frozenset(problem.text for problem in train)
+    heldout = arithmetic.problems(HELDOUT_PROBLEMS, seed=3, exclude=seen)
+    seen |= {problem.text for problem in heldout}
+    traces = arithmetic.problems(TRACE_PROBLEMS, seed=2, exclude=seen)
+    return {"train": train, "traces": traces, "heldout": heldout}
+
+
+def pretraining_pairs(role: str, problems: list[arithmetic.Problem]) -> list[tuple[str, str]]:
+    """(prompt, solution) pairs. The student writes its own style, with one solution in five in
+    the teacher's style: like a real student model, it gives the teacher's tokens some
+    probability, but its distribution is not the teacher's."""
+    if role == "teacher":
+        return [(p.text, arithmetic.teacher_solution(p)) for p in problems]
+    return [
+        (p.text, (arithmetic.teacher_solution if i % 5 == 0 else arithmetic.student_solution)(p))
+        for i, p in enumerate(problems)
+    ]
+
+
+def write_traces(teacher_dir: Path, problems: dict, data: Path) -> None:
+    """Stage 4: teacher samples with log-probs (correct and canonically tokenized ones kept)
+    → teacher_traces.jsonl; the held-out problems → heldout.jsonl (eval_math.py's custom)."""
+    import tiny_models
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_dcod.eval.grading import last_boxed
+
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    prompts = [problem.text for problem in problems["traces"]]
+    samples = tiny_models.sample_with_logprobs(model, tokenizer, prompts, 96, topk=4, seed=0)
+    canonical = tiny_models.canonically_tokenized(teacher_dir, samples)
+    kept, wrong, non_canonical = [], 0, 0
+    for problem, sample, is_canonical in zip(problems["traces"], samples, canonical):
+        if last_boxed(sample["response"]) != str(problem.answer):
+            wrong += 1
+        elif not is_canonical:
+            non_canonical += 1  # re-tokenizing the text would not give the sampled ids
+        else:
+            kept.append({"id": len(kept), **sample, "answer": str(problem.answer)})
+    data.mkdir(parents=True, exist_ok=True)
+    write_jsonl(data / "teacher_traces.jsonl", kept)
+    heldout = [{"problem": p.text, "answer": str(p.answer)} for p in problems["heldout"]]
+    write_jsonl(data / "heldout.jsonl", heldout)
+    print(
+        f"teacher: {len(samples)} samples at temperature 1, {wrong} wrong, {non_canonical} not "
+        f"canonically tokenized, {len(kept)} kept → {data / 'teacher_traces.jsonl'}"
     )
 
-    print("\n[4/5] inspect the dataset")
-    run([sys.executable, "tools/inspect_traces.py", str(prefix), "--index", "0"])
 
-    print("\n[5/5] train the student (DCOD, TP=2 on 2 CPU processes), then resume it")
-    checkpoints = out / "checkpoints"
-    run(train_command(prefix, tokenizer_dir, checkpoints) + ["--exit-interval", "20"])
-    run(train_command(prefix, tokenizer_dir, checkpoints))  # loads iteration 20, trains to 30
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text("".join(json.dumps(record) + "\n" for record in records))
+    temporary.replace(path)
 
 
-def train_command(prefix: Path, tokenizer_dir: Path, checkpoints: Path) -> list:
+def train_command(paths: Paths, method: str, iters: int) -> list:
+    """TP=2 on 2 CPU processes: 1 data-parallel rank, global batch 8 = micro 4 × 2 accumulation,
+    packed 256-token sequences (~3 traces each). The run starts from the imported student
+    (`--pretrained-checkpoint`) and resumes from `--save` when restarted."""
     return [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
         "-m", "megatron_dcod.train",
-        "--hf-config", str(ROOT / "examples" / "presets" / "tiny-llama"),
-        "--dcod-tokenizer", str(tokenizer_dir),
-        "--data-path", str(prefix), "--split", "90,10,0",
-        "--tensor-model-parallel-size", "2",
-        "--seq-length", "256", "--micro-batch-size", "2", "--global-batch-size", "4",
-        "--train-iters", "30", "--lr", "1e-3", "--lr-decay-style", "cosine",
-        "--lr-warmup-iters", "2", "--min-lr", "1e-4", "--weight-decay", "0.01",
-        "--dcod-weighting", "dcod", "--dcod-scope", "token",
-        "--log-interval", "5", "--eval-interval", "10", "--eval-iters", "2",
-        "--save", str(checkpoints), "--load", str(checkpoints), "--save-interval", "10",
-        "--ckpt-format", "torch_dist", "--tensorboard-dir", str(checkpoints.parent / "tensorboard"),
+        "--hf-config", paths.model("student"), "--dcod-tokenizer", paths.tokenizer,
+        "--data-path", paths.traces, "--split", "95,5,0", "--tensor-model-parallel-size", TP,
+        "--seq-length", "256", "--micro-batch-size", "4", "--global-batch-size", "8",
+        "--train-iters", iters, "--lr", "1e-3", "--lr-decay-style", "cosine",
+        "--lr-warmup-iters", "10", "--min-lr", "1e-4", "--weight-decay", "0.01",
+        "--clip-grad", "1.0", "--seed", "1234",
+        "--log-interval", "10", "--eval-interval", "100", "--eval-iters", "4",
+        "--pretrained-checkpoint", paths.student_init,
+        "--load", paths.checkpoints(method), "--save", paths.checkpoints(method),
+        "--save-interval", "100", "--ckpt-format", "torch_dist",
+        "--tensorboard-dir", paths.checkpoints(method) / "tensorboard",
     ]  # fmt: skip
 
 

@@ -1,0 +1,180 @@
+"""slurm/*.sh: syntax, shellcheck, dry runs whose commands the tools' own parsers accept, the
+7B layout checked by the trainer's parser, and the requeue logic with Slurm's commands stubbed."""
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from megatron_dcod.arguments import (
+    add_convert_args,
+    add_eval_args,
+    add_preprocess_args,
+    eval_config_from_args,
+    preprocess_config_from_args,
+)
+from tests.helpers.training import REPO
+
+SLURM = REPO / "slurm"
+SCRIPTS = sorted(SLURM.glob("*.sh"))
+TOOL_PARSERS = {
+    "preprocess_traces.py": add_preprocess_args,
+    "convert_checkpoint.py": add_convert_args,
+    "eval_math.py": add_eval_args,
+}
+
+
+def run_script(script, **env) -> subprocess.CompletedProcess:
+    """`bash slurm/script` as outside Slurm (no SLURM_* variables), with `env` on top."""
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
+    return subprocess.run(
+        ["bash", str(SLURM / script)],
+        cwd=REPO,
+        env={**clean, "PYTHON": sys.executable, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def printed_tool_commands(stdout: str) -> list[tuple[str, list[str]]]:
+    """(tool name, its arguments) of each `[env VAR=...] python tools/X.py ...` line printed."""
+    commands = []
+    for line in stdout.splitlines():
+        words = shlex.split(line)
+        while words and (words[0] == "env" or "=" in words[0]):
+            words = words[1:]
+        if len(words) > 1 and words[1].startswith("tools/"):
+            commands.append((words[1].removeprefix("tools/"), words[2:]))
+    return commands
+
+
+def test_every_recipe_is_there():
+    names = {script.name for script in SCRIPTS}
+    assert {"common.sh", "train_7b.sh", "preprocess.sh", "score_teacher.sh"} <= names
+    assert {"convert_hf.sh", "eval.sh"} <= names
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda path: path.name)
+def test_bash_syntax(script):
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_shellcheck_is_clean():
+    if shutil.which("shellcheck") is None:
+        if os.environ.get("CI"):
+            pytest.fail("shellcheck is not installed (make test installs Debian's shellcheck)")
+        pytest.skip("shellcheck is not installed")
+    scripts = [str(script.relative_to(REPO)) for script in SCRIPTS]
+    result = subprocess.run(  # -x follows `source` (paths relative to the repository root)
+        ["shellcheck", "-x", *scripts], cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "script, env, expected",
+    [
+        ("preprocess.sh", {"EXTRA_ARGS": "--skip-bad"}, ["a.jsonl", "b.jsonl", "--skip-bad"]),
+        ("score_teacher.sh", {"REF_MODEL": "student0", "TOPK": "4"}, ["student0", "cuda"]),
+        ("convert_hf.sh", {"MODE": "import-hf", "TP": "4"}, ["import-hf", "4"]),
+        ("convert_hf.sh", {"MODE": "export-hf", "OUT": "hf-out"}, ["export-hf", "hf-out"]),
+        ("eval.sh", {"BENCHMARKS": "gsm8k aime24", "EXTRA_ARGS": "--limit 5"}, ["aime24", "5"]),
+    ],
+)
+def test_dry_run_prints_commands_the_tools_accept(tmp_path, script, env, expected):
+    for name in ("a.jsonl", "b.jsonl"):
+        (tmp_path / name).touch()
+    result = run_script(script, DRY_RUN="1", INPUT=f"{tmp_path}/*.jsonl", **env)
+    assert result.returncode == 0, result.stderr
+    commands = printed_tool_commands(result.stdout)
+    assert commands, result.stdout
+    for tool, arguments in commands:
+        args = TOOL_PARSERS[tool](argparse.ArgumentParser()).parse_args(arguments)
+        if tool == "eval_math.py":
+            eval_config_from_args(args)
+        if tool == "preprocess_traces.py":
+            preprocess_config_from_args(args)
+    printed = [word for _, arguments in commands for word in arguments]
+    assert all(any(value in word for word in printed) for value in expected), printed
+
+
+def test_eval_deals_benchmarks_to_gpu_slots():
+    result = run_script("eval.sh", DRY_RUN="1", GPUS="4", VLLM_TP="2", BENCHMARKS="a b c")
+    devices = [line.split()[1] for line in result.stdout.splitlines()]
+    assert devices == ["CUDA_VISIBLE_DEVICES=0\\,1"] * 2 + ["CUDA_VISIBLE_DEVICES=2\\,3"]
+
+
+def test_convert_refuses_an_unknown_mode():
+    result = run_script("convert_hf.sh", DRY_RUN="1", MODE="sideways")
+    assert result.returncode != 0 and "MODE must be import-hf or export-hf" in result.stderr
+
+
+def test_train_dry_run_checks_the_7b_layout_with_the_trainer_parser():
+    result = run_script("train_7b.sh", DRY_RUN="1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    launch, summary = result.stdout.strip().splitlines()
+    assert launch.startswith("srun --nodes=8 ") and "--nproc_per_node=8 --nnodes=8" in launch
+    assert "-m megatron_dcod.train --hf-config" in launch
+    for flags in ("--use-distributed-optimizer", "--fp8-format hybrid", "--seq-length 16384"):
+        assert flags in launch
+    assert "--exit-signal-handler" in launch
+    words = shlex.split(launch)
+    assert words[words.index("--save") + 1] == words[words.index("--load") + 1]
+    assert summary.startswith("flags OK for 64 processes: TP 2 × PP 1 × DP 32; ")
+    assert "global batch 128 = micro 1 × DP 32 × 4 accumulation steps" in summary
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"TP": "3"}, "megatron rejects the flags: world size (64) is not divisible"),
+        ({"EXTRA_ARGS": "--no-such-flag"}, "unrecognized arguments: --no-such-flag"),
+    ],
+)
+def test_train_dry_run_rejects_a_bad_override(override, message):
+    result = run_script("train_7b.sh", DRY_RUN="1", **override)
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+
+
+REQUEUE_SCENARIO = """
+source slurm/common.sh
+SLURM_JOB_ID=42
+scontrol() { echo "scontrol $*"; }
+scancel() { echo "scancel $*"; kill -TERM "${LAUNCH_PID}"; }
+status=0
+run_supervised bash -c "$TRAINER" || status=$?
+finish_or_requeue "${status}" "$SAVE_DIR" 4
+"""
+
+
+@pytest.mark.parametrize("time_limit", [True, False], ids=["time-limit", "crash"])
+def test_a_stopped_run_requeues_and_a_crash_does_not(tmp_path, time_limit):
+    """The batch shell's USR1 (time limit) becomes a SIGTERM to the trainer, which checkpoints;
+    then the job requeues itself. A trainer that fails on its own ends the job with its status."""
+    trainer = (  # a stand-in trainer: checkpoints iteration 2 on SIGTERM, or fails at once
+        f"trap 'kill $!; echo 2 > {tmp_path}/latest_checkpointed_iteration.txt; exit 1' TERM; "
+        "sleep 30 & wait $!"
+        if time_limit
+        else "exit 3"
+    )
+    scenario = ("(sleep 0.5; kill -USR1 $$) &" if time_limit else "") + REQUEUE_SCENARIO
+    result = subprocess.run(
+        ["bash", "-c", scenario],
+        cwd=REPO,
+        env={**os.environ, "REPO_ROOT": str(REPO), "TRAINER": trainer, "SAVE_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    if time_limit:
+        assert result.returncode == 0, result.stderr
+        assert "scancel --signal=TERM 42\nscontrol requeue 42" in result.stdout
+        assert "stopped at iteration 2 of 4: requeueing job 42" in result.stderr
+    else:
+        assert result.returncode == 3 and "scontrol" not in result.stdout
