@@ -122,6 +122,24 @@ def preprocess_config_from_args(args: argparse.Namespace) -> PreprocessConfig:
     )
 
 
+def add_dry_run_arg(parser) -> None:
+    parser.add_argument(
+        "--dcod-dry-run",
+        type=int,
+        metavar="WORLD_SIZE",
+        default=None,
+        help="validate the flags for a run of WORLD_SIZE processes and exit: no GPU, data or "
+        "process group needed (slurm/train_7b.sh with DRY_RUN=1)",
+    )
+
+
+def requested_dry_run(argv: list[str]) -> int | None:
+    """The WORLD_SIZE of `--dcod-dry-run`, read before Megatron (and its imports) are loaded."""
+    peek = argparse.ArgumentParser(add_help=False)
+    add_dry_run_arg(peek)
+    return peek.parse_known_args(argv)[0].dcod_dry_run
+
+
 def add_dcod_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Project flags of `python -m megatron_dcod.train`, added to Megatron's parser."""
     student = parser.add_argument_group("megatron-dcod student and data")
@@ -139,14 +157,7 @@ def add_dcod_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         action="store_true",
         help="one trace per sequence (padded) instead of packing traces",
     )
-    student.add_argument(
-        "--dcod-dry-run",
-        type=int,
-        metavar="WORLD_SIZE",
-        default=None,
-        help="validate the flags for a run of WORLD_SIZE processes and exit: no GPU, data or "
-        "process group needed (slurm/train_7b.sh with DRY_RUN=1)",
-    )
+    add_dry_run_arg(student)
     dcod = parser.add_argument_group("megatron-dcod correction (METHOD.md)")
     defaults = CorrectionConfig()
     dcod.add_argument("--dcod-weighting", choices=WEIGHTINGS, default=defaults.weighting)

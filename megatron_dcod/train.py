@@ -18,6 +18,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
+from megatron_dcod.arguments import requested_dry_run
 from megatron_dcod.platform.compat import (
     ensure_python_compat,
     make_distributed_optimizer_resumable,
@@ -164,9 +165,7 @@ def dry_run_summary(args, world_size: int, weighting: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    peek = argparse.ArgumentParser(add_help=False)
-    peek.add_argument("--dcod-dry-run", type=int, default=None)
-    world_size = peek.parse_known_args(argv)[0].dcod_dry_run
+    world_size = requested_dry_run(argv)
     if world_size is not None:
         try:
             print(dry_run(argv, world_size), flush=True)

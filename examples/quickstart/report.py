@@ -15,7 +15,9 @@ TABLE_COLUMNS = ("model", "held-out acc", "val CE", "w mean", "w ESS", "w<0.1", 
 
 def latest_iteration(save_dir: Path) -> int | None:
     """The iteration of the last checkpoint Megatron wrote in `save_dir`, if any."""
-    tracker = save_dir / "latest_checkpointed_iteration.txt"
+    from megatron_dcod.checkpoint.megatron_side import TRACKER_FILE
+
+    tracker = save_dir / TRACKER_FILE
     return int(tracker.read_text()) if tracker.exists() else None
 
 

@@ -117,7 +117,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "quickstart")
     parser.add_argument("--train-iters", type=int, default=300, help="steps of each student")
     args = parser.parse_args()
-    paths, stage = Paths(args.out.resolve()), Stages(total=11)
+    # tokenizer, models, traces, preprocess, import, train and export each method, evaluate
+    stage_count = 1 + len(MODEL_SIZES) + 3 + 2 * len(METHODS) + 1
+    paths, stage = Paths(args.out.resolve()), Stages(total=stage_count)
     problems = task_problems()
     if stage("tokenizer: byte-level BPE trained on the task's text", paths.tokenizer.exists()):
         make_tokenizer(problems["train"], paths.tokenizer)
