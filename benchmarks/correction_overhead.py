@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from megatron_dcod.platform.cpu import apply_cpu_mode  # noqa: E402
+from megatron_dcod.megatron import patches  # noqa: E402
 
 PRESETS = {  # layers, hidden, heads, kv heads, ffn, vocab, seq length, micro-batch
     "tiny": (4, 256, 8, 4, 704, 4096, 512, 4),
@@ -91,7 +91,7 @@ def batches(prefix: Path, preset: str, count: int):
     from megatron.core.datasets.utils import Split
 
     from megatron_dcod.config import TraceDataConfig
-    from megatron_dcod.data.trace_dataset import TraceBlendConfig, TraceSequenceDataset
+    from megatron_dcod.data.sequences import TraceBlendConfig, TraceSequenceDataset
     from megatron_dcod.data.trace_format import TraceDataset
 
     *_, seq, micro_batch = PRESETS[preset]
@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant")
     args = parser.parse_args()
-    cpu = apply_cpu_mode()
+    cpu = patches.apply(patches.LIBRARY).cpu
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29761"))
     torch.distributed.init_process_group("gloo" if cpu else "nccl", rank=0, world_size=1)
     from megatron.core import parallel_state

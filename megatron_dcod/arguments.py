@@ -1,7 +1,8 @@
 """The only bridge between command-line flags and the configuration dataclasses.
 
-Flag names follow DESIGN.md §5: Megatron's own names where Megatron has the concept, shared tool
-names (`--input`, `--output-prefix`, `--tokenizer`, ...), and `--dcod-*` for the project.
+Flag names (docs/design.md, "Command lines"): Megatron's own names where Megatron has the
+concept, shared tool names (`--input`, `--output-prefix`, `--tokenizer`, ...), and `--dcod-*`
+for the project.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from megatron_dcod.config import (
     BASE_LOSSES,
     DCOD_SCOPES,
     NORMALIZATIONS,
+    TOPK_MODES,
     WEIGHTINGS,
     CorrectionConfig,
     EvalConfig,
@@ -158,24 +160,38 @@ def add_dcod_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="one trace per sequence (padded) instead of packing traces",
     )
     add_dry_run_arg(student)
-    dcod = parser.add_argument_group("megatron-dcod correction (METHOD.md)")
+    dcod = parser.add_argument_group("megatron-dcod correction (docs/method.md)")
     defaults = CorrectionConfig()
-    dcod.add_argument("--dcod-weighting", choices=WEIGHTINGS, default=defaults.weighting)
-    dcod.add_argument("--dcod-base-loss", choices=BASE_LOSSES, default=defaults.base_loss)
-    dcod.add_argument("--dcod-scope", choices=DCOD_SCOPES, default=defaults.scope)
+    dcod.add_argument(
+        "--dcod-weighting", choices=WEIGHTINGS, default=defaults.weighting,
+        help="w_t: sft (1), dft (π_θ), iw_sft (trace ratio to π_0), dcod (s·σ((Δ−b)/τ))",
+    )  # fmt: skip
+    dcod.add_argument(
+        "--dcod-base-loss", choices=BASE_LOSSES, default=defaults.base_loss,
+        help="ℓ_t: ce (the trace token), kl or todi (the teacher's stored top-k)",
+    )  # fmt: skip
+    dcod.add_argument(
+        "--dcod-scope", choices=DCOD_SCOPES, default=defaults.scope,
+        help="Δ of the DCOD weight: the token's, the prefix's running mean, the trace's mean",
+    )  # fmt: skip
     dcod.add_argument("--dcod-temperature", type=float, default=defaults.temperature, help="τ")
     dcod.add_argument("--dcod-offset", type=float, default=defaults.offset, help="b")
     dcod.add_argument("--dcod-scale", type=float, default=defaults.scale, help="s")
     dcod.add_argument("--dcod-clip-min", type=float, default=None, help="lower clip of w")
     dcod.add_argument("--dcod-clip-max", type=float, default=None, help="upper clip of w")
     dcod.add_argument(
-        "--dcod-normalization", choices=NORMALIZATIONS, default=defaults.normalization
-    )
+        "--dcod-normalization", choices=NORMALIZATIONS, default=defaults.normalization,
+        help="loss denominator over the step: Σ m (tokens) or Σ m·w (weights)",
+    )  # fmt: skip
     dcod.add_argument(
-        "--dcod-topk-mode", choices=("renormalize", "tail"), default=defaults.topk_mode
-    )
-    dcod.add_argument("--dcod-todi-beta", type=float, default=defaults.todi_beta)
-    dcod.add_argument("--dcod-iw-sft-max-weight", type=float, default=defaults.iw_sft_max_weight)
+        "--dcod-topk-mode", choices=TOPK_MODES, default=defaults.topk_mode,
+        help="kl/todi support: the teacher's k ids renormalized, or the ids + a tail bucket",
+    )  # fmt: skip
+    dcod.add_argument("--dcod-todi-beta", type=float, default=defaults.todi_beta, help="ToDi's β")
+    dcod.add_argument(
+        "--dcod-iw-sft-max-weight", type=float, default=defaults.iw_sft_max_weight,
+        help="iw-SFT clamps its trace weight to [0, this]",
+    )  # fmt: skip
     return parser
 
 

@@ -79,6 +79,7 @@ WEIGHTINGS = ("sft", "dft", "iw_sft", "dcod")
 BASE_LOSSES = ("ce", "kl", "todi")
 DCOD_SCOPES = ("token", "prefix", "sequence")
 NORMALIZATIONS = ("tokens", "weights")
+TOPK_MODES = ("renormalize", "tail")
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,9 @@ class CorrectionConfig:
     normalization: str = "tokens"
     """Loss denominator over the whole step: "tokens" (Σ m_t) or "weights" (Σ m_t w_t)."""
     topk_mode: str = "renormalize"
-    """kl/todi support: "renormalize" over the k ids, or "tail" (k ids + one remaining-mass bucket)."""
+    """kl/todi over the teacher's stored top-k ids S: "renormalize" (the teacher's k probabilities
+    renormalized to sum to 1, against the student's full-vocabulary probabilities of those ids) or
+    "tail" (S plus one bucket holding each side's remaining mass)."""
     todi_beta: float = 1.0
     """ToDi β in α = σ(β log(p_T/q_θ))."""
     iw_sft_max_weight: float = 16.0
@@ -116,7 +119,7 @@ class CorrectionConfig:
             ("base_loss", BASE_LOSSES),
             ("scope", DCOD_SCOPES),
             ("normalization", NORMALIZATIONS),
-            ("topk_mode", ("renormalize", "tail")),
+            ("topk_mode", TOPK_MODES),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(

@@ -24,6 +24,7 @@ from megatron_dcod.checkpoint.hf_files import (
 )
 from megatron_dcod.checkpoint.hf_mapping import Geometry, TensorRule, hf_names, rules_for, to_hf
 from megatron_dcod.checkpoint.megatron_side import (
+    conversion_session,
     resolve_checkpoint_dir,
     single_process_group,
     written_atomically,
@@ -79,7 +80,7 @@ def export_hf(config: ExportConfig) -> Path:
     hf_config = load_hf_config(config.hf_template)
     family = rules_for(hf_config.model_type)
     directory = resolve_checkpoint_dir(config.ckpt)
-    with written_atomically(config.out) as partial, single_process_group():
+    with conversion_session(), written_atomically(config.out) as partial, single_process_group():
         checkpoint = MegatronCheckpoint(directory)
         shapes = _hf_shapes(hf_config)
         rules = _applicable_rules(checkpoint, family, hf_config, set(shapes))

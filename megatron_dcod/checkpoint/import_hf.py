@@ -30,6 +30,7 @@ from megatron_dcod.checkpoint.megatron_side import (
     TRACKER_FILE,
     check_parallel_layout,
     written_atomically,
+    conversion_session,
     megatron_args,
     meta_student,
     single_process_group,
@@ -59,16 +60,17 @@ def import_hf(config: ImportConfig) -> Path:
         f"--seq-length={hf_config.max_position_embeddings}",
     ]
     flags += ["--bf16"] if dtype == "bf16" else []
-    args = megatron_args(
-        config.hf_dir,
-        flags,
-        config.tensor_model_parallel_size,
-        config.pipeline_model_parallel_size,
-    )
-    with written_atomically(config.out) as partial:
-        with single_process_group():
-            _save(args, hf_config, reader, partial / RELEASE_DIR)
-        (partial / TRACKER_FILE).write_text(RELEASE_DIR)
+    with conversion_session():
+        args = megatron_args(
+            config.hf_dir,
+            flags,
+            config.tensor_model_parallel_size,
+            config.pipeline_model_parallel_size,
+        )
+        with written_atomically(config.out) as partial:
+            with single_process_group():
+                _save(args, hf_config, reader, partial / RELEASE_DIR)
+            (partial / TRACKER_FILE).write_text(RELEASE_DIR)
     return config.out
 
 

@@ -4,12 +4,8 @@ one-process group, and the student's checkpoint layout without allocating its we
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import os
 import shutil
-import sys
-from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,62 +35,43 @@ def check_parallel_layout(config: Any, tensor_parallel: int, pipeline_parallel: 
         )
 
 
-@contextlib.contextmanager
-def _command_line(argv: list[str], world_size: int) -> Iterator[None]:
-    saved_argv, saved_env = sys.argv, dict(os.environ)
-    sys.argv = ["convert_checkpoint", *argv]
-    os.environ.update(WORLD_SIZE=str(world_size), RANK="0", CUDA_DEVICE_MAX_CONNECTIONS="1")
-    try:
-        yield
-    finally:
-        sys.argv = saved_argv
-        os.environ.clear()
-        os.environ.update(saved_env)
-
-
 def megatron_args(hf_dir: Path, flags: list[str], tensor_parallel: int, pipeline_parallel: int):
     """Megatron's validated arguments for the HF architecture at the given layout, built the way
-    the trainer builds them (same architecture flags, same vocabulary padding); no globals."""
-    from megatron_dcod.platform.cpu import apply_cpu_mode
-
-    apply_cpu_mode()  # conversion runs on CPU; also before megatron.training is imported
+    the trainer builds them (same architecture flags, same vocabulary padding); no globals.
+    Needs the library patches (`conversion_session`)."""
     from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
-    from megatron.training.arguments import parse_args, validate_args
 
-    from megatron_dcod.arguments import add_dcod_args
-    from megatron_dcod.train import megatron_argv
+    from megatron_dcod.megatron import argv
 
-    argv = megatron_argv(
-        [
-            f"--hf-config={hf_dir}",
-            f"--tensor-model-parallel-size={tensor_parallel}",
-            f"--pipeline-model-parallel-size={pipeline_parallel}",
-            "--micro-batch-size=1",
-            "--ckpt-format=torch_dist",
-            *flags,
-        ],
-        cpu=True,
-    )
-    printed = io.StringIO()  # Megatron prints every argument; shown only if validation fails
-    try:
-        with _command_line(argv, tensor_parallel * pipeline_parallel), redirect_stdout(printed):
-            args = parse_args(add_dcod_args)
-            validate_args(args)
-    except (AssertionError, ValueError, SystemExit):
-        sys.stdout.write(printed.getvalue())
-        raise
+    flags = [
+        f"--hf-config={hf_dir}",
+        f"--tensor-model-parallel-size={tensor_parallel}",
+        f"--pipeline-model-parallel-size={pipeline_parallel}",
+        "--micro-batch-size=1",
+        "--ckpt-format=torch_dist",
+        *flags,
+    ]
+    args = argv.parse(flags, cpu=True, world_size=tensor_parallel * pipeline_parallel, quiet=True)
     build_tokenizer(args)  # sets args.padded_vocab_size as the trainer's tokenizer does
     return args
 
 
 @contextlib.contextmanager
+def conversion_session() -> Iterator[None]:
+    """The library patches (CPU mode, Python 3.11) for the length of a conversion, undone after:
+    conversions run on the CPU whatever the machine, and leave nothing process-wide behind."""
+    from megatron_dcod.megatron import patches
+
+    with patches.applied(patches.LIBRARY):
+        yield
+
+
+@contextlib.contextmanager
 def single_process_group() -> Iterator[None]:
-    """A one-rank gloo group with Megatron's model-parallel state at TP = PP = 1."""
+    """A one-rank gloo group with Megatron's model-parallel state at TP = PP = 1 (inside a
+    `conversion_session` where CUDA is absent)."""
     from megatron.core import parallel_state
 
-    from megatron_dcod.platform.cpu import apply_cpu_mode
-
-    apply_cpu_mode()
     created = not dist.is_initialized()
     if created:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)

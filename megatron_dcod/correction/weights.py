@@ -1,11 +1,13 @@
-"""Per-token corrective weights (METHOD.md §1–2): pure tensor math, one function per equation.
+"""Per-token corrective weights (docs/method.md): pure tensor math, one function per equation.
 
 Every function takes detached student log-probs and returns weights without gradient: the
 weights multiply a token loss, they are never trained through (the sg[·] of the equations).
 
 Shapes: `[b, s]` is one micro-batch of packed sequences. `segment_ids` [b, s] numbers the traces
-of the micro-batch (unique across rows); `loss_mask` [b, s] is 1 on supervised targets. Scopes
-that average over a trace (prefix, sequence, iw-SFT) only average over its supervised tokens.
+of the micro-batch: unique across rows, each run of equal ids one trace, and every id below b·s
+(`training/batch.py::next_batch` numbers them 0, 1, ...). `loss_mask` [b, s] is 1 on supervised
+targets. Scopes that average over a trace (prefix, sequence, iw-SFT) only average over its
+supervised tokens.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import torch
 
 def segment_sum(values: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
     """Σ of `values` [b, s] over each trace, broadcast back to its tokens: [b, s]."""
-    flat_ids = segment_ids.reshape(-1)  # [b*s]
-    sums = torch.zeros(int(flat_ids.max()) + 1, dtype=values.dtype, device=values.device)
-    sums.index_add_(0, flat_ids, values.reshape(-1))  # [n_segments]
+    flat_ids = segment_ids.reshape(-1)  # [b*s]; every id < b*s, so no host sync for the size
+    sums = torch.zeros(flat_ids.numel(), dtype=values.dtype, device=values.device)
+    sums.index_add_(0, flat_ids, values.reshape(-1))  # [b*s], one slot per possible trace
     return sums[flat_ids].view_as(values)
 
 
@@ -37,7 +39,7 @@ def segment_cumsum(values: torch.Tensor, segment_ids: torch.Tensor) -> torch.Ten
 def scoped_log_ratio(
     log_ratio: torch.Tensor, loss_mask: torch.Tensor, segment_ids: torch.Tensor, scope: str
 ) -> torch.Tensor:
-    """Δ seen by the DCOD weight of each token, for the ratio's scope (METHOD.md §1 knobs).
+    """Δ seen by the DCOD weight of each token, for the ratio's scope (docs/method.md, DCOD).
 
     token:    Δ_t itself
     prefix:   mean of Δ over the supervised tokens of y_≤t (running mean within the trace)
@@ -64,7 +66,8 @@ def dcod_weights(
     scale: float,
     clip: tuple[float | None, float | None] = (None, None),
 ) -> torch.Tensor:
-    """DCOD, METHOD.md §1: w_t = clip(s · σ((Δ_t − b) / τ)), Δ = log π_θ − log π_T, detached."""
+    """DCOD (arXiv 2605.14071, as reconstructed in docs/method.md):
+    w_t = clip(s · σ((Δ_t − b) / τ)), Δ = log π_θ − log π_T, detached."""
     weights = scale * torch.sigmoid((log_ratio.detach() - offset) / temperature)
     low, high = clip
     if low is not None or high is not None:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain, islice
+from multiprocessing import resource_tracker
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -191,6 +194,11 @@ _worker_tokenizer: Any = None  # a tokenizers.Tokenizer: workers never import tr
 
 def _start_worker(tokenizer_json: str) -> None:
     global _worker_tokenizer
+    # Ctrl-C reaches the whole process group: the main process alone decides what it means
+    # (it cancels the chunks and shuts the pool down); a worker dying of it would break the pool.
+    # SIGINT came blocked from _submit, so that the worker could not die of it before this.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     os.environ.setdefault("RAYON_RS_NUM_CPUS", "1")  # one core per worker: N workers, N cores
     from tokenizers import Tokenizer
 
@@ -201,11 +209,25 @@ def _tokenize_in_worker(rendered: list[Rendered]) -> list[tuple[np.ndarray, np.n
     return tokenize_rendered(_worker_tokenizer, rendered)
 
 
+def _submit(pool: ProcessPoolExecutor, rendered: list[Rendered]) -> Future:
+    """pool.submit with SIGINT blocked in this thread meanwhile: the executor spawns its workers
+    on demand, from submit, and a spawned process inherits the signal mask (a Ctrl-C meanwhile
+    is only delayed to the end of the call)."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return pool.submit(_tokenize_in_worker, rendered)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 def encoded_chunks(
     config: PreprocessConfig, chat: ChatTokenizer, options: EncodeOptions, skip_records: int = 0
 ) -> Iterator[list[EncodedRecord | BadRecord]]:
     """Chunks of encoded records, in input order. With workers, the main process parses and
-    renders the next chunks while the workers tokenize earlier ones."""
+    renders the next chunks while the workers tokenize earlier ones.
+
+    With workers the generator holds processes until it is exhausted or closed: close it when
+    stopping early rather than leave it to the garbage collector (see tokenizer_pool)."""
     records = chain.from_iterable(iter_raw_records(path, config.split) for path in config.inputs)
     records = islice(records, skip_records, None)  # resuming: those are in finished shards
     chunks = iter(lambda: list(islice(records, RECORDS_PER_CHUNK)), [])
@@ -213,21 +235,59 @@ def encoded_chunks(
         for chunk in chunks:
             yield encode_records(chunk, chat, options)
         return
-    # spawn, not fork: the parent may hold torch / tokenizer thread pools that fork would break;
-    # an executor, not a Pool: a worker that dies fails the run instead of hanging it
-    tokenizer_json = chat.tokenizer.backend_tokenizer.to_str()
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(config.workers, context, _start_worker, (tokenizer_json,)) as pool:
+    with tokenizer_pool(config.workers, chat) as pool:
         in_flight: deque[tuple[list, Future]] = deque()
         for chunk in chunks:
             prepared = prepare_records(chunk, chat, options)
-            in_flight.append((prepared, pool.submit(_tokenize_in_worker, rendered_of(prepared))))
+            in_flight.append((prepared, _submit(pool, rendered_of(prepared))))
             if len(in_flight) >= CHUNKS_IN_FLIGHT_PER_WORKER * config.workers:
                 prepared, tokenized = in_flight.popleft()
                 yield finish_records(prepared, tokenized.result(), chat, options)
         while in_flight:
             prepared, tokenized = in_flight.popleft()
             yield finish_records(prepared, tokenized.result(), chat, options)
+
+
+@contextmanager
+def tokenizer_pool(workers: int, chat: ChatTokenizer) -> Iterator[ProcessPoolExecutor]:
+    """A pool of `workers` tokenizer processes; no process started for it outlives the block.
+
+    However the block is left (done, bad record, Ctrl-C, generator closed), the workers are
+    joined (on an exception the chunks not started yet are cancelled, not tokenized) and the
+    resource tracker of the spawn context is stopped if this pool started it."""
+    # spawn, not fork: the parent may hold torch / tokenizer thread pools that fork would break;
+    # an executor, not a Pool: a worker that dies fails the run instead of hanging it
+    tokenizer_json = chat.tokenizer.backend_tokenizer.to_str()
+    context = multiprocessing.get_context("spawn")
+    tracker_was_running = _resource_tracker_running()
+    pool = ProcessPoolExecutor(workers, context, _start_worker, (tokenizer_json,))
+    left_early = True
+    try:
+        yield pool
+        left_early = False
+    finally:
+        pool.shutdown(wait=True, cancel_futures=left_early)
+        if not tracker_was_running:  # not reached if a second Ctrl-C cuts the shutdown short
+            _stop_resource_tracker()
+
+
+# The resource tracker is the process that unlinks the named semaphores of a spawn pool if
+# their owner dies. Left alone it ends only when every holder of its pipe has exited, i.e.
+# after the program: it outlives the program in its process group, holding its stderr. Python
+# has no public way to stop it; ResourceTracker._stop (which multiprocessing's own test clean-up
+# calls) closes the pipe and waits for the tracker. Safe once the pool is shut down: its
+# semaphores are unlinked by then, and the tracker is stopped only if the pool started it, so
+# it tracks nothing of anyone else's.
+
+
+def _resource_tracker_running() -> bool:
+    return getattr(resource_tracker._resource_tracker, "_fd", None) is not None
+
+
+def _stop_resource_tracker() -> None:
+    stop = getattr(resource_tracker._resource_tracker, "_stop", None)
+    if stop is not None:  # else a Python without it: the tracker ends shortly after the program
+        stop()
 
 
 # ---------------------------------------------------------------------------------------------

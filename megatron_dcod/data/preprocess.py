@@ -15,9 +15,8 @@ import hashlib
 import json
 import logging
 import shutil
-import threading
 from collections import Counter
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import asdict, replace
 from itertools import chain, islice
 from pathlib import Path
@@ -41,7 +40,6 @@ from megatron_dcod.data.trace_format import (
     TraceDatasetWriter,
     TraceFormatError,
     meta_path,
-    indexed_dataset_module,
     read_meta,
 )
 
@@ -65,8 +63,6 @@ def preprocess_traces(config: PreprocessConfig, command: str = "") -> dict[str, 
             f"{config.output_prefix}: a dataset built from other inputs or arguments exists; "
             "pass --overwrite to replace it"
         )
-    # the writer needs megatron-core only at the first trace: import it while workers start
-    threading.Thread(target=indexed_dataset_module, daemon=True).start()
     work = _WorkDir(config.output_prefix, build_key)
     meta = {
         "tokenizer": asdict(chat.fingerprint),
@@ -132,10 +128,12 @@ def _write_shards(config: PreprocessConfig, chat: ChatTokenizer, work: _WorkDir)
     if done:
         logger.info("resuming after %d records (%d shards)", done, len(work.progress["shards"]))
     scorers = load_scorers(config, chat)
-    chunks = scored_chunks(encoded_chunks(config, chat, options, done), scorers, config)
-    records = chain.from_iterable(chunks)
+    encoded = encoded_chunks(config, chat, options, done)
+    records = chain.from_iterable(scored_chunks(encoded, scorers, config))
     # the bar counts tokens written (its rate is tokens/s); records read go in the postfix
-    with tqdm(desc="preprocess", unit="tok", unit_scale=True, mininterval=1.0) as progress:
+    progress = tqdm(desc="preprocess", unit="tok", unit_scale=True, mininterval=1.0)
+    # closed on the way out, not whenever it is garbage collected: its workers end with it
+    with closing(encoded), progress:
         while True:
             index = len(work.progress["shards"])
             shard_records = islice(records, config.shard_records)

@@ -1,4 +1,4 @@
-"""The on-disk trace dataset (DESIGN.md §4): the one home of its layout, writer and reader.
+"""The on-disk trace dataset (docs/data_format.md): the one home of its layout, writer, reader.
 
 A dataset is a set of files sharing a prefix. Every per-token array is a megatron-core indexed
 dataset (`{prefix}_{name}.bin` + `.idx`) holding exactly one sequence per trace, and
@@ -27,6 +27,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from megatron_dcod.data.trace_stats import TraceStats
+
 FORMAT_VERSION = 1
 # megatron-core warns on every index it opens outside torch.distributed; a data tool has no rank
 warnings.filterwarnings("ignore", message="Could not determine rank", category=UserWarning)
@@ -35,7 +37,7 @@ SIDECAR_SUFFIX = ".sidecar.jsonl"
 
 
 class TraceFormatError(ValueError):
-    """A trace dataset, or a trace written to one, breaks the format of DESIGN.md §4."""
+    """A trace dataset, or a trace written to one, breaks the format (docs/data_format.md)."""
 
 
 @dataclass(frozen=True)
@@ -189,7 +191,7 @@ class TraceDatasetWriter:
         }
         self._sidecar = open(f"{self._temp_prefix}{SIDECAR_SUFFIX}", "w", encoding="utf-8")
         self._committing = False
-        self.stats = _RunningStats()
+        self.stats = TraceStats()
 
     def __enter__(self) -> "TraceDatasetWriter":
         return self
@@ -269,7 +271,7 @@ class TraceDatasetWriter:
 def indexed_dataset_module() -> Any:
     """megatron-core's indexed dataset module, imported without its "no TE/Apex" warnings.
 
-    The import takes seconds: preprocessing calls this in a background thread at start-up."""
+    The import takes seconds; the writer pays it when it opens its files."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from megatron.core.datasets import indexed_dataset
@@ -280,51 +282,6 @@ def remove_dataset(prefix: str | os.PathLike) -> None:
     """Delete a dataset's files, meta.json first so that a half-removed dataset never reads."""
     for path in dataset_files(prefix):
         path.unlink(missing_ok=True)
-
-
-class _RunningStats:
-    """Counts and summary statistics accumulated while writing (stored in meta.json)."""
-
-    def __init__(self) -> None:
-        self.lengths: list[int] = []
-        self.supervised_tokens = 0
-        self.teacher_logprob_sum: float | None = None
-
-    def add(self, trace: Trace) -> None:
-        self.lengths.append(len(trace.tokens))
-        self.supervised_tokens += int(trace.loss_mask.sum())
-        if trace.teacher_logprobs is not None:
-            supervised = trace.loss_mask.astype(bool)
-            logprob_sum = float(trace.teacher_logprobs[supervised].sum(dtype=np.float64))
-            self.teacher_logprob_sum = (self.teacher_logprob_sum or 0.0) + logprob_sum
-
-    def add_dataset(self, dataset: "TraceDataset") -> None:
-        self.lengths.extend(dataset.lengths.tolist())
-        supervised = dataset.meta["counts"]["supervised_tokens"]
-        self.supervised_tokens += supervised
-        mean_logprob = dataset.meta["stats"]["teacher_logprob_mean"]
-        if mean_logprob is not None:
-            self.teacher_logprob_sum = (self.teacher_logprob_sum or 0.0) + mean_logprob * supervised
-
-    def summary(self) -> dict[str, Any]:
-        lengths = np.asarray(self.lengths, dtype=np.int64)
-        longest = max(int(lengths.max(initial=0)), 16)
-        edges = [0] + [2**p for p in range(4, longest.bit_length() + 1)]  # 0, 16, 32, ...
-        counts, _ = np.histogram(lengths, bins=edges + [np.iinfo(np.int64).max])
-        mean_logprob = None
-        if self.teacher_logprob_sum is not None:
-            mean_logprob = self.teacher_logprob_sum / max(self.supervised_tokens, 1)
-        return {
-            "counts": {
-                "traces": len(lengths),
-                "tokens": int(lengths.sum()),
-                "supervised_tokens": self.supervised_tokens,
-            },
-            "stats": {
-                "teacher_logprob_mean": mean_logprob,
-                "length_histogram": {"bin_starts": edges, "counts": counts.tolist()},
-            },
-        }
 
 
 def read_meta(prefix: str | os.PathLike) -> dict[str, Any]:
@@ -352,7 +309,12 @@ def check_tokenizer(meta: dict[str, Any], expected: TokenizerFingerprint, where:
 
 
 class TraceDataset:
-    """Read-only view of a trace dataset; `dataset[i]` returns a Trace of numpy views (no copy)."""
+    """Read-only view of a trace dataset; `dataset[i]` returns a Trace of numpy views (no copy).
+
+    Opening checks the format version, the tokenizer (when `tokenizer` is given), the alignment
+    of every array with the tokens and the size of every `.bin` against its index (a truncated
+    copy is refused here, naming the file, not mid-run).
+    """
 
     def __init__(self, prefix: str | os.PathLike, tokenizer: TokenizerFingerprint | None = None):
         self.prefix = str(prefix)
@@ -360,11 +322,10 @@ class TraceDataset:
         if tokenizer is not None:
             check_tokenizer(self.meta, tokenizer, self.prefix)
         self.topk = int(self.meta["topk"])
-        indexed_dataset = indexed_dataset_module().IndexedDataset
-        self._arrays = {
-            name: indexed_dataset(array_path_prefix(prefix, name)) for name in self.meta["arrays"]
-        }
-        self.lengths = self._arrays["tokens"].sequence_lengths  # [n] int32
+        self._arrays = {name: _open_array(self.prefix, name) for name in self.meta["arrays"]}
+        # [n] int32, a copy: megatron-core closes the index's memory map when the dataset goes,
+        # which would leave a view dangling (`TraceDataset(p).lengths` would read freed memory)
+        self.lengths = np.array(self._arrays["tokens"].sequence_lengths)
         for name, array in self._arrays.items():
             width = self.topk if ARRAY_SPECS[name].per_token == "topk" else 1
             if not np.array_equal(array.sequence_lengths, self.lengths * width):
@@ -386,6 +347,15 @@ class TraceDataset:
     def has(self, name: str) -> bool:
         return name in self._arrays
 
+    def max_id(self, name: str) -> int:
+        """The largest id of an id array (`tokens`, `teacher_topk_ids`): from meta.json's stats,
+        else (datasets written before the stat existed) by one pass over the memory map."""
+        stat = {"tokens": "max_token_id", "teacher_topk_ids": "max_topk_id"}[name]
+        if stat in self.meta["stats"]:
+            return int(self.meta["stats"][stat])
+        values = self.flat(name)
+        return int(values.max()) if values.size else -1
+
     def flat(self, name: str) -> np.ndarray:
         """All values of one array, traces concatenated in order (a read-only memory map).
 
@@ -396,3 +366,29 @@ class TraceDataset:
         path = array_path_prefix(self.prefix, name) + ".bin"
         values = np.memmap(path, dtype=spec.storage_dtype, mode="r").view(spec.dtype)
         return values.reshape(-1, self.topk) if spec.per_token == "topk" else values
+
+
+def _open_array(prefix: str, name: str) -> Any:
+    """megatron-core's IndexedDataset of one array, after checking its files: both exist, the
+    index reads, and the `.bin` holds exactly the bytes the index describes."""
+    path = array_path_prefix(prefix, name)
+    for suffix in (".idx", ".bin"):
+        if not Path(path + suffix).is_file():
+            raise TraceFormatError(f"{path}{suffix}: missing (the dataset lists array {name!r})")
+    try:
+        array = indexed_dataset_module().IndexedDataset(path)
+    except Exception as error:  # numpy / struct errors of a damaged index
+        raise TraceFormatError(f"{path}.idx: unreadable index ({error})") from error
+    index = array.index
+    expected = 0
+    if len(index.sequence_lengths):
+        expected = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * int(
+            index.dtype_size
+        )
+    actual = os.path.getsize(path + ".bin")
+    if actual != expected:
+        raise TraceFormatError(
+            f"{path}.bin: {actual} bytes, its index describes {expected} (a truncated or "
+            "damaged copy?)"
+        )
+    return array

@@ -1,8 +1,9 @@
-"""CPU mode: make megatron-core run on CPU (gloo) when CUDA is absent (DESIGN.md §3).
+"""CPU mode: what makes megatron-core run on CPU (gloo) when CUDA is absent (docs/design.md).
 
 megatron-core asks for CUDA in many places: buffers made with `device="cuda"` or
 `torch.cuda.current_device()`, `.cuda()` calls, the RNG tracker on the CUDA generator, streams,
-events and synchronizes. `apply_cpu_mode()` answers all of them without touching megatron-core:
+events and synchronizes. This module holds the stand-ins that answer all of them without
+touching megatron-core; `megatron_dcod/megatron/patches.py` installs (and can undo) them:
 
 - a TorchFunctionMode, kept on the mode stack, rewrites every CUDA device argument (`"cuda"`,
   `"cuda:0"`, `torch.device("cuda")`, a bare device index) to CPU, turns `Tensor.cuda()`
@@ -25,10 +26,6 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from megatron_dcod.platform.compat import ensure_python_compat
-
-_applied = False
-_mode: "CudaToCpuMode | None" = None
 cuda_standin_generator = torch.Generator(device="cpu")
 """Plays the CUDA default generator of device 0."""
 
@@ -105,73 +102,52 @@ def _manual_seed(seed: int) -> None:
     cuda_standin_generator.manual_seed(int(seed))
 
 
-def _patch_torch_cuda() -> None:
-    cuda = torch.cuda
-    cuda.is_initialized = lambda: True  # torch.cuda._lazy_call then runs callbacks at once
-    cuda.current_device = lambda: 0
-    cuda.device_count = lambda: 1
-    cuda.set_device = lambda device: None
-    cuda.synchronize = lambda device=None: None
-    cuda.get_device_capability = lambda device=None: (9, 0)
-    cuda.get_device_name = lambda device=None: "cpu (megatron-dcod CPU mode)"
-    cuda.Stream = cuda.Event = _NoOpStream
-    cuda.current_stream = cuda.default_stream = lambda device=None: _NoOpStream()
-    cuda.stream = lambda stream=None: contextlib.nullcontext()
-    cuda.device = _NoOpDeviceContext
-    cuda.get_device_properties = lambda device=None: _DEVICE_PROPERTIES
+def _zero(device: Any = None) -> int:
+    return 0
+
+
+def _get_rng_state(device: Any = "cuda") -> torch.Tensor:
+    return cuda_standin_generator.get_state()
+
+
+def _set_rng_state(new_state: torch.Tensor, device: Any = "cuda") -> None:
+    cuda_standin_generator.set_state(new_state)
+
+
+def cuda_standins() -> dict[str, Any]:
+    """`torch.cuda` attribute name → its CPU-mode stand-in (`random.` names live in
+    `torch.cuda.random`). Installed and undone by `megatron_dcod/megatron/patches.py`."""
+    standins = {
+        "is_initialized": lambda: True,  # torch.cuda._lazy_call then runs callbacks at once
+        "current_device": lambda: 0,
+        "device_count": lambda: 1,
+        "set_device": lambda device: None,
+        "synchronize": lambda device=None: None,
+        "get_device_capability": lambda device=None: (9, 0),
+        "get_device_name": lambda device=None: _DEVICE_PROPERTIES.name,
+        "Stream": _NoOpStream,
+        "Event": _NoOpStream,
+        "current_stream": lambda device=None: _NoOpStream(),
+        "default_stream": lambda device=None: _NoOpStream(),
+        "stream": lambda stream=None: contextlib.nullcontext(),
+        "device": _NoOpDeviceContext,
+        "get_device_properties": lambda device=None: _DEVICE_PROPERTIES,
+        "empty_cache": lambda: None,
+        "reset_peak_memory_stats": lambda device=None: None,
+        # RNG: the stand-in generator behind every torch.cuda RNG entry point
+        "default_generators": (cuda_standin_generator,),
+        "manual_seed": _manual_seed,
+        "manual_seed_all": _manual_seed,
+        "get_rng_state": _get_rng_state,
+        "set_rng_state": _set_rng_state,
+        "random.get_rng_state": _get_rng_state,
+        "random.set_rng_state": _set_rng_state,
+    }
     for name in (
         "memory_allocated",
         "max_memory_allocated",
         "memory_reserved",
         "max_memory_reserved",
     ):
-        setattr(cuda, name, lambda device=None: 0)
-    cuda.empty_cache = lambda: None
-    cuda.reset_peak_memory_stats = lambda device=None: None
-    # RNG: the stand-in generator behind every torch.cuda RNG entry point
-    cuda.default_generators = (cuda_standin_generator,)
-    cuda.manual_seed = cuda.manual_seed_all = _manual_seed
-    cuda.get_rng_state = cuda.random.get_rng_state = (
-        lambda device="cuda": cuda_standin_generator.get_state()
-    )
-    cuda.set_rng_state = cuda.random.set_rng_state = (
-        lambda new_state, device="cuda": cuda_standin_generator.set_state(new_state)
-    )
-
-
-def apply_cpu_mode() -> bool:
-    """Make megatron-core run on CPU; a no-op (returning False) when CUDA is available."""
-    global _applied, _mode
-    ensure_python_compat()
-    if torch.cuda.is_available():
-        return False
-    if not _applied:
-        _patch_torch_cuda()
-        _mode = CudaToCpuMode()
-        _mode.__enter__()  # stays on the mode stack for the life of the process
-        _applied = True
-    return True
-
-
-def report_cuda_available() -> None:
-    """After `apply_cpu_mode()`: `torch.cuda.is_available()` answers True.
-
-    `megatron.training.pretrain` asserts CUDA before anything else (it initializes without
-    `allow_no_cuda`); with every CUDA request already served on CPU, the answer is accurate for
-    the stubbed `torch.cuda`. Only the training entry point calls this.
-    """
-    if not _applied:
-        raise RuntimeError("report_cuda_available() needs apply_cpu_mode() first")
-    torch.cuda.is_available = lambda: True
-
-
-def skip_jit_warmup() -> None:
-    """In CPU mode, `pretrain` skips its JIT warm-up (DESIGN.md §5).
-
-    The warm-up compiles CUDA fusion kernels by running them on random tensors: on CPU there is
-    nothing to compile, and its random draws would move the CPU generator by an amount that
-    depends on the TP size, so TP=2 would start from other weights than TP=1.
-    """
-    from megatron.training import training
-
-    training.set_jit_fusion_options = lambda tp_size=None: None
+        standins[name] = _zero  # no device memory to report
+    return standins

@@ -1,9 +1,11 @@
-"""Weight diagnostics every log interval (METHOD.md §2): mean/std of w, ESS, w<0.1, mean Δ.
+"""Weight diagnostics every log interval: mean/std of w, ESS, w<0.1, mean Δ, dropped batches.
 
-The loss function adds each training micro-batch's sums (`correction.loss.STAT_NAMES`); after
-the last micro-batch of a logged iteration the sums are all-reduced over the data-parallel
+The loss function adds each training micro-batch's sums (`correction.objective.STAT_NAMES`);
+after the last micro-batch of a logged iteration the sums are all-reduced over the data-parallel
 group of the last pipeline stage, which holds every token of the interval, and written to
-stdout in Megatron's `key: value |` format, to TensorBoard and to W&B when configured.
+stdout in Megatron's `key: value |` format, to TensorBoard (`dcod/<name>`) and to W&B when
+configured. Micro-batches dropped for a non-finite loss are counted here
+(`dropped_microbatches`, `dropped_tokens`), not in Megatron's `lm loss`.
 """
 
 from __future__ import annotations
@@ -11,9 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import logging
+
 import torch
 
-from megatron_dcod.correction.loss import STAT_NAMES, summarize_stats
+from megatron_dcod.correction.objective import STAT_NAMES, summarize_stats
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,8 +63,14 @@ class WeightMetrics:
         summary = summarize_stats(sums)
         self.last_report = summary
         if self.is_reporting_rank:
-            fields = " | ".join(f"{name}: {value:.6E}" for name, value in summary.items())
+            fields = " | ".join(f"{name}: {_format(value)}" for name, value in summary.items())
             print(f" iteration {iteration:8d} | dcod weights | {fields} |", flush=True)
+            if summary["dropped_microbatches"]:
+                logger.warning(
+                    "iterations up to %d: %d micro-batches (%d supervised tokens) with a "
+                    "non-finite loss were dropped",
+                    iteration, summary["dropped_microbatches"], summary["dropped_tokens"],
+                )  # fmt: skip
             tensorboard, wandb = self.writers()
             for name, value in summary.items():
                 if tensorboard is not None:
@@ -66,3 +78,7 @@ class WeightMetrics:
             if wandb is not None:
                 wandb.log({f"dcod/{name}": value for name, value in summary.items()}, iteration)
         return summary
+
+
+def _format(value: float | int) -> str:
+    return str(value) if isinstance(value, int) else f"{value:.6E}"

@@ -1,96 +1,76 @@
-"""Dataset provider and the checks that must fail before step 1 (DESIGN.md §5)."""
+"""Megatron's extension points for the student: model, dataset and forward-step providers.
+
+Each is built from Megatron's validated arguments and the `TrainingRun` the entry resolved
+once (`training/preflight.py`), and passed to `megatron.training.pretrain`.
+"""
 
 from __future__ import annotations
 
-import logging
-from dataclasses import replace
+import argparse
+from functools import partial
 from typing import Any
 
-from megatron_dcod.config import TraceDataConfig
-from megatron_dcod.data.trace_format import (
-    TokenizerFingerprint,
-    TraceFormatError,
-    check_tokenizer,
-    read_meta,
-)
-
-logger = logging.getLogger(__name__)
+from megatron_dcod.training.preflight import TrainingRun
+from megatron_dcod.training.step import ForwardStep, WeightSumNormalizer
 
 
-def blend_prefixes(data_path: list[str] | None) -> list[str]:
-    """The dataset prefixes of Megatron's `--data-path [weight] prefix ...` list."""
-    if not data_path:
-        raise ValueError("--data-path is required: one or more trace dataset prefixes")
-    if len(data_path) == 1:
-        return list(data_path)
-    return [entry for entry in data_path if not _is_number(entry)]
+def model_provider(
+    args: argparse.Namespace, run: TrainingRun, weight_sum: WeightSumNormalizer | None = None
+):
+    """The HF-config student, one pipeline (or virtual) stage per call. With `weight_sum` (the
+    `weights` normalization) its finalize function replaces Megatron's token count by the
+    step's Σ m·w: `pretrain` keeps a finalize hook the model builder installs."""
+    from megatron_dcod.models.student import student_from_args
+
+    def provide(
+        pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None
+    ):
+        model = student_from_args(
+            args, run.hf_config, run.use_transformer_engine,
+            pre_process, post_process, vp_stage, pg_collection,
+        )  # fmt: skip
+        if weight_sum is not None:
+            model.config.finalize_model_grads_func = weight_sum.finalize
+        return model
+
+    return provide
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+def dataset_provider(args: argparse.Namespace, run: TrainingRun):
+    """Blended, split trace sequences; every rank reads its own batches (`is_distributed`:
+    Megatron's TP broadcast of a batch only carries a fixed set of keys)."""
+    from megatron.training.utils import get_blend_and_blend_per_split
 
-
-def preflight(
-    prefixes: list[str], data: TraceDataConfig, model_vocab_size: int
-) -> tuple[TraceDataConfig, TokenizerFingerprint]:
-    """Check every dataset against the run before any step; returns the data config to use.
-
-    Refuses: a missing array the correction needs, datasets tokenized differently from each
-    other or from `--dcod-tokenizer`, token ids the model's vocabulary cannot hold.
-    """
-    metas = {prefix: read_meta(prefix) for prefix in prefixes}
-    reference = (
-        tokenizer_fingerprint(data.tokenizer)
-        if data.tokenizer
-        else TokenizerFingerprint(**metas[prefixes[0]]["tokenizer"])
+    blend, blend_per_split = get_blend_and_blend_per_split(args)
+    provide = partial(
+        build_datasets,
+        data=run.data,
+        seed=args.seed,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=args.split,
+        cache_dir=args.data_cache_path,
     )
-    for prefix, meta in metas.items():
-        missing = [name for name in data.arrays if name not in meta["arrays"]]
-        if missing:
-            raise TraceFormatError(
-                f"{prefix}: the correction needs {missing}, which this trace dataset lacks "
-                f"(it has {meta['arrays']})"
-            )
-        check_tokenizer(meta, reference, prefix)
-        if meta["tokenizer"]["vocab_size"] > model_vocab_size:
-            raise TraceFormatError(
-                f"{prefix}: tokenizer vocabulary of {meta['tokenizer']['vocab_size']} does not "
-                f"fit the student's vocab_size {model_vocab_size} (--hf-config)"
-            )
-    diagnostics = ("teacher_logprobs",) if all(
-        "teacher_logprobs" in meta["arrays"] for meta in metas.values()
-    ) else ()  # fmt: skip
-    arrays = tuple(dict.fromkeys(data.arrays + diagnostics))  # mean Δ needs teacher log-probs
-    return replace(data, arrays=arrays), reference
-
-
-def tokenizer_fingerprint(tokenizer_dir: str) -> TokenizerFingerprint:
-    """Fingerprint of a local HF tokenizer dir, as preprocessing computes it."""
-    from megatron_dcod.data.chat import ChatTokenizer
-
-    return ChatTokenizer(tokenizer_dir).fingerprint
+    provide.is_distributed = True
+    return provide
 
 
 def build_datasets(
     num_samples: list[int],
     *,
-    data: TraceDataConfig,
-    tokenizer: TokenizerFingerprint,
+    data,
     seed: int,
     blend: Any,
     blend_per_split: Any,
     split: str | None,
+    cache_dir: str | None,
 ) -> tuple[Any, Any, Any]:
     """train, valid, test datasets through Megatron's blended dataset builder."""
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
 
-    from megatron_dcod.data.trace_dataset import TraceBlendConfig, TraceSequenceDataset
+    from megatron_dcod.data.sequences import TraceBlendConfig, TraceSequenceDataset
 
     config = TraceBlendConfig(
         random_seed=seed,
@@ -98,8 +78,33 @@ def build_datasets(
         blend=blend,
         blend_per_split=blend_per_split,
         split=split,
+        path_to_cache=cache_dir,
         trace=data,
-        expected_tokenizer=tokenizer,
     )
     builder = BlendedMegatronDatasetBuilder(TraceSequenceDataset, num_samples, lambda: True, config)
     return builder.build()
+
+
+def forward_step(
+    args: argparse.Namespace, run: TrainingRun, weight_sum: WeightSumNormalizer | None = None
+) -> ForwardStep:
+    """The ForwardStep, its weight metrics wired to Megatron's logging state."""
+    from megatron.core import parallel_state
+    from megatron.core.num_microbatches_calculator import get_num_microbatches
+    from megatron.training.global_vars import get_tensorboard_writer, get_wandb_writer
+
+    from megatron_dcod.training.metrics import WeightMetrics
+
+    metrics = WeightMetrics(
+        log_interval=args.log_interval,
+        num_microbatches=get_num_microbatches,
+        next_iteration=lambda: args.curr_iteration + 1,  # Megatron updates it every step
+        writers=lambda: (get_tensorboard_writer(), get_wandb_writer()),
+        data_parallel_group=lambda: parallel_state.get_data_parallel_group(
+            with_context_parallel=True
+        ),
+        is_reporting_rank=args.rank == args.world_size - 1,
+    )
+    return ForwardStep(
+        correction=run.correction, pack=run.data.pack, metrics=metrics, weight_sum=weight_sum
+    )

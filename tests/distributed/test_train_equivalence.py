@@ -1,8 +1,10 @@
 """`python -m megatron_dcod.train` on CPU: split batches, DP, TP and PP compute the same step.
 
-Every run starts from one initial checkpoint (TP=1, PP=1) loaded with --finetune, trains 3 DCOD
-steps on the same 12 sequences and saves; the saved weights (global tensors of the torch_dist
-checkpoint) and the logged losses must agree within fp32 tolerance.
+Every run starts from one initial checkpoint (TP=1, PP=1) loaded with --finetune, trains a few
+steps on the same sequences with plain SGD (no momentum: each step moves the weights by
+−lr · gradient, so a wrong loss scale shows in the weights, which Adam's first step, sign(g),
+would hide) and saves. The weight updates (saved − initial, global tensors of the torch_dist
+checkpoints) and the logged losses must agree within fp32 tolerance.
 """
 
 import pytest
@@ -12,7 +14,10 @@ from tests.helpers.training import checkpoint_tensors, logged_losses, tiny_run_f
 from tests.helpers.traces import save_hf_config, write_synthetic_traces
 
 STEPS = 3
-DCOD = ["--dcod-weighting=dcod", "--dcod-scope=prefix"]
+DCOD = ("--dcod-weighting=dcod", "--dcod-scope=prefix")
+SGD = ("--optimizer=sgd", "--sgd-momentum=0", "--lr=1.0")
+ULPS = 16
+"""fp32 rounding of the weights themselves (an update is a difference of two stored weights)."""
 
 
 @pytest.fixture(scope="module")
@@ -29,21 +34,27 @@ def setup(tmp_path_factory):
     return root, data, hf_config, init
 
 
-def run(setup, name, *flags, nproc=1):
+def run(setup, name, *flags, nproc=1, correction=DCOD, steps=STEPS):
+    """(logged lm losses, {name: (weight update, weight after)}) of a run from the initial
+    checkpoint."""
     root, data, hf_config, init = setup
     save = root / name
     output = train(
-        *tiny_run_flags(hf_config, data, iters=STEPS),
-        *DCOD,
+        *tiny_run_flags(hf_config, data, iters=steps),
+        *SGD,
+        *correction,
         f"--load={init}",
         "--finetune",
         f"--save={save}",
-        f"--save-interval={STEPS}",
+        f"--save-interval={steps}",
         "--global-batch-size=4",
         *flags,
         nproc=nproc,
     )
-    return logged_losses(output), checkpoint_tensors(save, STEPS)
+    initial, trained = checkpoint_tensors(init, 1), checkpoint_tensors(save, steps)
+    return logged_losses(output), {
+        name: (trained[name] - initial[name], trained[name]) for name in trained
+    }
 
 
 @pytest.fixture(scope="module")
@@ -52,21 +63,26 @@ def reference(setup):
 
 
 def assert_same_training(reference, other):
-    losses, weights = other
-    assert sorted(losses) == list(range(1, STEPS + 1))
+    losses, updates = other
+    assert sorted(losses) == sorted(reference[0]) and len(losses) >= 2
     for iteration, loss in reference[0].items():
         assert losses[iteration] == pytest.approx(loss, rel=1e-5)
-    assert weights.keys() == reference[1].keys()
-    for name, tensor in reference[1].items():
-        torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+    assert updates.keys() == reference[1].keys()
+    for name, (update, weight) in reference[1].items():
+        rounding = ULPS * torch.finfo(torch.float32).eps * float(weight.abs().max())
+        atol = max(1e-5 * float(update.abs().max()), rounding)
+        torch.testing.assert_close(updates[name][0], update, rtol=1e-4, atol=atol, msg=name)
 
 
-def test_weights_moved(setup, reference):
-    """The comparison is not vacuous: 3 steps change the weights and the loss."""
-    init = checkpoint_tensors(setup[3], 1)
-    moved = [name for name, tensor in reference[1].items() if not torch.equal(tensor, init[name])]
-    assert len(moved) == len(init)
-    assert reference[0][STEPS] != reference[0][1]
+def test_updates_are_large_and_a_wrong_scale_would_show(setup, reference):
+    """The comparison is not vacuous: every tensor moves, the loss moves, and the same updates
+    1% larger (a loss denominator off by 1%) fail the comparison."""
+    losses, updates = reference
+    assert all(update.abs().max() > 0 for update, _ in updates.values())
+    assert losses[STEPS] != losses[1]
+    scaled = {name: (1.01 * update, weight) for name, (update, weight) in updates.items()}
+    with pytest.raises(AssertionError):
+        assert_same_training(reference, (losses, scaled))
 
 
 def test_accumulation_equals_one_big_micro_batch(setup, reference):
@@ -87,10 +103,22 @@ def test_pp2_equals_pp1(setup, reference):
     assert_same_training(reference, run(setup, "pp2", *flags, nproc=2))
 
 
+@pytest.mark.parametrize("base_loss", ["kl", "todi"])
+def test_topk_losses_at_tp2_equal_tp1(setup, base_loss):
+    """The vocab-parallel top-k path (log-softmax over a split vocabulary, the teacher's ids
+    gathered from their shards) trains as the unsplit one does."""
+    correction = ("--dcod-weighting=dcod", f"--dcod-base-loss={base_loss}")
+    single = run(setup, f"{base_loss}-tp1", "--micro-batch-size=4", correction=correction, steps=2)
+    split = run(
+        setup, f"{base_loss}-tp2", "--micro-batch-size=4", "--tensor-model-parallel-size=2",
+        nproc=2, correction=correction, steps=2,
+    )  # fmt: skip
+    assert_same_training(single, split)
+
+
 def test_weight_normalization_is_global(setup):
     """--dcod-normalization weights: the step's Σ m·w reaches Megatron's gradient scaling
-    through the finalize hook under DP=2 and accumulation alike (the hand-off itself is
-    checked in tests/unit/training/test_step.py)."""
+    through the finalize hook under DP=2 and accumulation alike."""
     weights = ("--dcod-normalization=weights",)
     reference = run(setup, "weights-reference", "--micro-batch-size=4", *weights)
     other = run(setup, "weights-dp2", "--micro-batch-size=1", *weights, nproc=2)

@@ -29,9 +29,9 @@ def _worker(rank, world_size, port, backend, fn, kwargs, errors) -> None:
         WORLD_SIZE=str(world_size),
     )
     try:
-        from megatron_dcod.platform.cpu import apply_cpu_mode
+        from megatron_dcod.megatron import patches
 
-        apply_cpu_mode()
+        patches.apply(patches.LIBRARY)
         dist.init_process_group(backend, rank=rank, world_size=world_size)
         fn(**kwargs)
     except BaseException:  # report any failure, assertion or error, to the parent

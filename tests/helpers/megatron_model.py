@@ -11,25 +11,17 @@ Run with `run_distributed_test(fn, world_size=TP * PP, ...)`.
 
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 import torch.distributed as dist
 
 
 def _initialize(flags: list[str]):
-    from megatron.training.arguments import parse_and_validate_args
     from megatron.training.initialize import initialize_megatron
 
-    from megatron_dcod.arguments import add_dcod_args
-    from megatron_dcod.platform.compat import use_prebuilt_dataset_helpers
-    from megatron_dcod.train import megatron_argv
+    from megatron_dcod.megatron import argv, patches
 
-    use_prebuilt_dataset_helpers()
-    os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"  # as the train entry sets it on CPU
-    sys.argv = ["megatron_outputs", *megatron_argv(flags, cpu=True)]
-    args = parse_and_validate_args(extra_args_provider=add_dcod_args)
+    patches.apply(patches.TRAINING)
+    args = argv.parse(flags, cpu=True, set_globals=True)
     initialize_megatron(allow_no_cuda=True)
     return args
 
@@ -39,10 +31,12 @@ def _load_model(args):
     from megatron.training.checkpointing import load_checkpoint
     from megatron.training.training import get_model
 
-    from megatron_dcod.models.student import load_hf_config
-    from megatron_dcod.train import model_provider
+    from megatron_dcod.training.preflight import TrainingRun, check_flags
+    from megatron_dcod.training.providers import model_provider
 
-    provider = model_provider(load_hf_config(args.hf_config), False)
+    hf_config, correction, data = check_flags(args)
+    run = TrainingRun(hf_config, correction, data, None, use_transformer_engine=False)
+    provider = model_provider(args, run)
     model = get_model(provider, ModelType.encoder_or_decoder, wrap_with_ddp=False)
     load_checkpoint(model, None, None, strict=True)
     for module in model:

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from megatron_dcod.data.trace_format import Trace, TraceDatasetWriter
-from megatron_dcod.train import CPU_FLAGS, UNFUSED_FLAGS, check_fp8, megatron_argv
+from megatron_dcod.megatron.argv import CPU_FLAGS, UNFUSED_FLAGS, megatron_argv
+from megatron_dcod.training.preflight import check_fp8
 from tests.helpers.distributed import free_port
 from tests.helpers.training import (
     REPO,

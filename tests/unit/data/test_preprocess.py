@@ -2,11 +2,13 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from megatron_dcod.config import PreprocessConfig, RecordFields
+from megatron_dcod.data.encode import EncodeOptions, encoded_chunks
 from megatron_dcod.data.preprocess import preprocess_traces
 from megatron_dcod.data.trace_format import TraceDataset
 from tests.helpers.models import save_tiny_llama
@@ -123,6 +125,38 @@ def test_several_inputs_and_workers(tmp_path, tokenizer_dir, teacher_records):
     for array in ("tokens", "loss_mask", "teacher_logprobs", "teacher_topk_ids"):
         one = (tmp_path / "out" / f"one_{array}.bin").read_bytes()
         assert one == (tmp_path / "out" / f"two_{array}.bin").read_bytes(), array
+
+
+def multiprocessing_children() -> list[str]:
+    """Command lines of this process's live children that multiprocessing started."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            state, ppid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, UnicodeDecodeError):  # not a process, or gone meanwhile
+            continue
+        if int(ppid) == os.getpid() and "multiprocessing" in command:
+            found.append(f"{state} {command}")
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+def test_closing_the_chunks_ends_the_workers(tmp_path, tokenizer_dir, chat_tokenizer):
+    """A run that stops early (bad record, Ctrl-C) closes encoded_chunks: that joins the workers
+    and stops the resource tracker their pool started, with chunks still in flight."""
+    records = [{"prompt": f"{i} + 1?", "response": f"{i + 1}"} for i in range(1000)]
+    source = write_jsonl(tmp_path / "t.jsonl", records)
+    config = PreprocessConfig(
+        inputs=(str(source),), output_prefix="unused", tokenizer=str(tokenizer_dir), workers=2
+    )
+    options = EncodeOptions(config.fields, None, "truncate", keep_record_teacher=True)
+    before = multiprocessing_children()
+    chunks = encoded_chunks(config, chat_tokenizer, options)
+    next(chunks)
+    assert sum("spawn_main" in command for command in multiprocessing_children()) == 2
+    chunks.close()
+    assert multiprocessing_children() == before
 
 
 def test_length_limit(tmp_path, tokenizer_dir, chat_tokenizer, teacher_records):

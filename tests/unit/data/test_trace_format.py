@@ -171,3 +171,62 @@ def test_a_trace_outlives_its_dataset_object(tmp_path):
     gc.collect()
     assert trace.tokens.tobytes() == original.tokens.tobytes()
     assert trace.teacher_topk_logprobs.tobytes() == original.teacher_topk_logprobs.tobytes()
+
+
+def test_lengths_outlive_the_dataset_object(tmp_path):
+    """`TraceDataset(p).lengths` used to be a view of an index that megatron-core unmaps when
+    the dataset goes (a segfault in a fresh process); it is a copy now."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(8)
+    write(tmp_path / "ds", [random_trace(rng, length) for length in (3, 40, 9)])
+    code = (
+        "import sys; from megatron_dcod.data.trace_format import TraceDataset; "
+        "print(TraceDataset(sys.argv[1]).lengths.astype('int64').tolist())"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "ds")], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "[3, 40, 9]", result.stderr
+
+
+@pytest.mark.parametrize("damage", ["short bin", "long bin", "short idx", "missing bin"])
+def test_damaged_array_files_are_refused_at_open(tmp_path, damage):
+    """A truncated copy is refused when the dataset is opened, naming the file and sizes, not
+    mid-run inside a data-loader worker."""
+    import os
+
+    rng = np.random.default_rng(9)
+    write(tmp_path / "ds", [random_trace(rng, length) for length in (5, 30, 12)])
+    path = tmp_path / "ds_teacher_topk_ids"
+    binary, index = path.with_suffix(".bin"), path.with_suffix(".idx")
+    size = binary.stat().st_size
+    if damage == "short bin":
+        os.truncate(binary, size - 8)
+        message = rf"{binary}: {size - 8} bytes, its index describes {size}"
+    elif damage == "long bin":
+        with open(binary, "ab") as extra:
+            extra.write(b"\0" * 4)
+        message = rf"{binary}: {size + 4} bytes, its index describes {size}"
+    elif damage == "short idx":
+        os.truncate(index, index.stat().st_size // 2)
+        message = rf"{index}: unreadable index"
+    else:
+        binary.unlink()
+        message = rf"{binary}: missing"
+    with pytest.raises(TraceFormatError, match=message):
+        TraceDataset(tmp_path / "ds")
+
+
+def test_inspect_refuses_a_truncated_copy(tmp_path, capsys):
+    import os
+
+    from tools.inspect_traces import main as inspect_main
+
+    rng = np.random.default_rng(10)
+    write(tmp_path / "ds", [random_trace(rng, length) for length in (5, 30)])
+    binary = tmp_path / "ds_tokens.bin"
+    os.truncate(binary, binary.stat().st_size - 4)
+    assert inspect_main([str(tmp_path / "ds")]) == 1
+    assert f"error: {binary}: " in capsys.readouterr().err

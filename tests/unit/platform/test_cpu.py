@@ -1,4 +1,4 @@
-"""The CPU mode itself. Runs in a spawned process: the mode is process-wide once applied."""
+"""The CPU mode itself, in spawned processes (the test helper applies the library patches)."""
 
 import torch
 
@@ -6,11 +6,10 @@ from tests.helpers.distributed import run_distributed_test
 
 
 def cpu_mode_behaviour():
-    from megatron_dcod.platform import cpu
+    from megatron_dcod.megatron import patches
 
-    assert not torch.cuda.is_available()
-    assert cpu.apply_cpu_mode() is True
-    assert cpu.apply_cpu_mode() is True  # idempotent
+    assert patches.CPU_MODE in patches.active()  # applied by run_distributed_test's worker
+    assert patches.apply(patches.LIBRARY).installed == []  # idempotent
     # CUDA device requests of every spelling land on the CPU
     for device in ("cuda", "cuda:0", torch.device("cuda"), torch.cuda.current_device()):
         assert torch.zeros(2, device=device).device.type == "cpu"

@@ -15,9 +15,9 @@ def per_trace_losses(prefix, pack: bool) -> dict[int, float]:
     from megatron.core.datasets.utils import Split
 
     from megatron_dcod.config import TraceDataConfig
-    from megatron_dcod.data.trace_dataset import TraceBlendConfig, TraceSequenceDataset
+    from megatron_dcod.data.sequences import TraceBlendConfig, TraceSequenceDataset
     from megatron_dcod.data.trace_format import TraceDataset
-    from megatron_dcod.training.batch import next_batch, packed_seq_params
+    from megatron_dcod.training.batch import next_batch
 
     traces = TraceDataset(prefix)
     config = TraceBlendConfig(
@@ -27,18 +27,18 @@ def per_trace_losses(prefix, pack: bool) -> dict[int, float]:
         traces, str(prefix), np.arange(len(traces)), None, Split.train, config
     )
     model = build_tiny_student()
-    losses = {}
+    losses, traces_per_row = {}, []
     for index in range(0, len(dataset), 3):  # micro-batches of up to 3 sequences
         rows = [dataset[i] for i in range(index, min(index + 3, len(dataset)))]
         collated = {key: torch.from_numpy(np.stack([row[key] for row in rows])) for key in rows[0]}
-        batch = next_batch(iter([collated]), torch.device("cpu"))
+        batch, packed_seq_params = next_batch(iter([collated]), torch.device("cpu"), pack)
         b, s = batch["tokens"].shape
         with torch.no_grad():
             if pack:
                 token_loss = model(
                     batch["tokens"].view(1, -1), batch["position_ids"].view(1, -1), None,
                     labels=batch["labels"].view(1, -1),
-                    packed_seq_params=packed_seq_params(batch["segment_ids"]),
+                    packed_seq_params=packed_seq_params,
                 ).view(b, s)  # fmt: skip
             else:
                 token_loss = model(
@@ -46,13 +46,14 @@ def per_trace_losses(prefix, pack: bool) -> dict[int, float]:
                 )
         for row, sample_index in enumerate(range(index, index + b)):
             start, end = dataset.bin_starts[sample_index], dataset.bin_starts[sample_index + 1]
+            traces_per_row.append(end - start)
             segment = rows[row]["segment_ids"]
             for position, trace_index in enumerate(dataset.order[start:end]):
                 supervised = (segment == position) & (rows[row]["loss_mask"] > 0)
                 losses[int(trace_index)] = float(
                     token_loss[row][torch.from_numpy(supervised)].sum()
                 )
-    return losses
+    return losses, traces_per_row
 
 
 def build_tiny_student():
@@ -80,8 +81,14 @@ def build_tiny_student():
 
 
 def packed_equals_padded(prefix):
-    padded, packed = per_trace_losses(prefix, pack=False), per_trace_losses(prefix, pack=True)
+    (padded, one_each), (packed, traces_per_row) = (
+        per_trace_losses(prefix, pack=False),
+        per_trace_losses(prefix, pack=True),
+    )
     assert padded.keys() == packed.keys() and len(padded) == 40
+    assert set(one_each) == {1}  # padded: one trace a row; packed: several (the point here)
+    shared = sum(count >= 2 for count in traces_per_row)
+    assert shared >= 0.8 * len(traces_per_row) and max(traces_per_row) >= 4, traces_per_row
     for trace_index, loss in padded.items():
         assert np.isclose(packed[trace_index], loss, rtol=1e-5, atol=1e-5), trace_index
 

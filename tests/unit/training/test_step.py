@@ -1,12 +1,12 @@
-"""The loss function Megatron calls: its contract, NaN handling and weight metrics."""
+"""The loss function Megatron calls: its contract, dropped micro-batches and weight metrics."""
 
 import pytest
 import torch
 
 from megatron_dcod.config import CorrectionConfig
-from megatron_dcod.correction.loss import STAT_NAMES
+from megatron_dcod.correction.objective import STAT_NAMES
 from megatron_dcod.training.metrics import WeightMetrics
-from megatron_dcod.training.step import ForwardStep
+from megatron_dcod.training.step import ForwardStep, WeightSumNormalizer
 
 
 def batch():
@@ -34,36 +34,68 @@ def test_loss_contract_and_metrics():
     step.loss(batch(), True, token_ce.detach())
     summary = metrics.last_report
     assert summary is not None and 0 < summary["w mean"] < 2 and summary["w ess"] <= 1
+    assert summary["dropped_microbatches"] == 0 and summary["dropped_tokens"] == 0
     assert metrics.sums.abs().sum() == 0 and len(metrics.sums) == len(STAT_NAMES)
 
 
-def test_non_finite_loss_is_dropped_and_reported():
-    metrics = WeightMetrics(log_interval=1, num_microbatches=lambda: 1, next_iteration=lambda: 1)
-    step = ForwardStep(CorrectionConfig(), pack=False, metrics=metrics)
+@pytest.mark.parametrize("poison", ["loss", "teacher_logprobs"])
+def test_non_finite_micro_batch_is_dropped_connected_and_counted(poison, capsys):
+    """A NaN in one supervised token's loss (or in its teacher log-prob, hence its weight)
+    drops the whole micro-batch: zero loss and count, finite report, a zero but existing
+    gradient for every input of the loss, and the drop counted in the dcod line."""
+    metrics = WeightMetrics(
+        log_interval=1, num_microbatches=lambda: 2, next_iteration=lambda: 1,
+        is_reporting_rank=True,
+    )  # fmt: skip
+    step = ForwardStep(CorrectionConfig(weighting="dcod"), pack=False, metrics=metrics)
     token_ce = torch.rand(2, 4, requires_grad=True)
-    poisoned = token_ce * torch.tensor([1.0, float("nan")]).repeat(4).view(2, 4)
-    loss, num_tokens, report = step.loss(batch(), True, poisoned)
+    poisoned, output = batch(), token_ce * 1.0
+    if poison == "loss":
+        output = token_ce + torch.tensor([0, 0, 0, float("nan"), 0, 0, 0, 0]).view(2, 4)
+    else:
+        poisoned["teacher_logprobs"][1, 2] = float("nan")
+    loss, num_tokens, report = step.loss(poisoned, True, output)
     assert loss.item() == 0 and num_tokens.item() == 0
-    assert torch.isnan(report["lm loss"][0])  # Megatron counts a NaN iteration
+    assert all(torch.isfinite(value).all() for value in report.values())
+    assert report["lm loss"][0] == 0 and report["lm loss"][1] < 1e-20  # no 0/0 in Megatron
     loss.backward()
-    assert token_ce.grad is None  # nothing reaches the model from this micro-batch
-    assert metrics.last_report["w mean"] == 0  # the step's stats exclude it
+    assert token_ce.grad is not None and torch.equal(token_ce.grad, torch.zeros(2, 4))
+    clean_loss, clean_tokens, _ = step.loss(batch(), True, torch.rand(2, 4))  # closes the step
+    assert clean_tokens.item() == 5 and clean_loss.item() > 0
+    summary = metrics.last_report
+    assert summary["dropped_microbatches"] == 1 and summary["dropped_tokens"] == 5
+    assert "dropped_microbatches: 1 | dropped_tokens: 5 |" in capsys.readouterr().out
+
+
+def test_the_check_never_synchronizes_with_the_device(monkeypatch):
+    """No `bool(tensor)` / `.item()` in the loss: the drop decision stays a device tensor."""
+
+    def refuse(self, *args):
+        raise AssertionError("host synchronization in the loss function")
+
+    step = ForwardStep(CorrectionConfig(weighting="dcod", scope="prefix"), pack=False)
+    monkeypatch.setattr(torch.Tensor, "__bool__", refuse)
+    monkeypatch.setattr(torch.Tensor, "item", refuse)
+    monkeypatch.setattr(torch.Tensor, "tolist", refuse)
+    loss, num_tokens, report = step.loss(batch(), True, torch.rand(2, 4))
+    monkeypatch.undo()
+    assert loss.item() > 0 and num_tokens.item() == 5
 
 
 def test_weights_normalization_hands_the_weight_sum_to_megatron():
     received = []
-
-    class ModelConfig:
-        finalize_model_grads_func = staticmethod(
-            lambda model, num_tokens: received.append(num_tokens)
-        )
-
-    step = ForwardStep(CorrectionConfig(weighting="dcod", normalization="weights"), pack=False)
-    step.weight_sum.install(ModelConfig)
+    weight_sum = WeightSumNormalizer(
+        finalize_model_grads=lambda model, num_tokens: received.append(num_tokens)
+    )
+    step = ForwardStep(
+        CorrectionConfig(weighting="dcod", normalization="weights"), pack=False,
+        weight_sum=weight_sum,
+    )  # fmt: skip
     total = 0.0
     for _ in range(2):
         _, _, report = step.loss(batch(), True, torch.rand(2, 4))
         total += report["lm loss"][1].item()
-    ModelConfig.finalize_model_grads_func([], torch.tensor(5, dtype=torch.int))
+    step.loss(batch(), False, torch.rand(2, 4))  # validation does not count
+    weight_sum.finalize([], torch.tensor(5, dtype=torch.int))
     assert received[0].item() == pytest.approx(total) and received[0].dtype == torch.float32
-    assert step.weight_sum.total.item() == 0  # reset for the next step
+    assert weight_sum.total.item() == 0  # reset for the next step

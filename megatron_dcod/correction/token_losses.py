@@ -1,4 +1,4 @@
-"""Token losses that the corrective weights multiply (METHOD.md §1–2), vocab-parallel.
+"""Token losses ℓ_t that the corrective weights multiply (docs/method.md), vocab-parallel.
 
 `ce` is the per-token cross-entropy Megatron already computes (vocab-parallel, fused with the
 output layer); this module only adds what needs the logits: log-probs of chosen ids under a
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-TOPK_MODES = ("renormalize", "tail")
+from megatron_dcod.config import TOPK_MODES
 
 
 def at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
@@ -72,17 +72,17 @@ def vocab_parallel_logprobs_at(logits: torch.Tensor, ids: torch.Tensor) -> torch
 def _topk_distributions(
     logp_student_topk: torch.Tensor, teacher_topk_logprobs: torch.Tensor, mode: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher and student log-probs on the same support: the k ids, plus a tail bucket.
+    """Teacher and student log-probs on the support of the top-k losses.
 
-    renormalize: both distributions renormalized over the k ids → [b, s, k]
-    tail:        the k ids plus one bucket holding the remaining mass → [b, s, k+1]
+    `logp_student_topk` [b, s, k] are the student's full-vocabulary log-probs of the teacher's k
+    ids; they are never renormalized, so the losses see the mass the student puts elsewhere.
+
+    renormalize: p̂_T = p_T / Σ_S p_T on the k ids; the student as given → [b, s, k]
+    tail:        the k ids plus one bucket holding each side's remaining mass → [b, s, k+1]
     """
     teacher = teacher_topk_logprobs.to(logp_student_topk.dtype)
     if mode == "renormalize":
-        return (
-            teacher - teacher.logsumexp(-1, keepdim=True),
-            logp_student_topk - logp_student_topk.logsumexp(-1, keepdim=True),
-        )
+        return teacher - teacher.logsumexp(-1, keepdim=True), logp_student_topk
     if mode != "tail":
         raise ValueError(f"unknown top-k mode {mode!r}: one of {TOPK_MODES}")
 
@@ -98,7 +98,10 @@ def topk_kl_loss(
 ) -> torch.Tensor:
     """Token-level KD: forward KL(p_T ‖ q_θ) = Σ_v p_T(v) (log p_T(v) − log q_θ(v)) → [b, s].
 
-    Over the teacher's stored top-k (METHOD.md §2, "Token-level KD"); `mode` picks the support.
+    Over the teacher's stored top-k S (docs/method.md, "Token-level KD"); `mode` picks the
+    support. With `renormalize` this is the KL from the renormalized teacher p̂_T (zero outside
+    S) to the student's full distribution q_θ: KL(p̂_T ‖ q̂_θ) − log Σ_S q_θ, where q̂_θ is q_θ
+    renormalized over S. It is ≥ 0, and 0 only when q_θ equals p̂_T on S with no mass elsewhere.
     """
     logp_teacher, logp_student = _topk_distributions(logp_student_topk, teacher_topk_logprobs, mode)
     return (logp_teacher.exp() * (logp_teacher - logp_student)).sum(-1)
@@ -110,9 +113,12 @@ def todi_loss(
     mode: str,
     beta: float = 1.0,
 ) -> torch.Tensor:
-    """ToDi (arXiv 2505.16297), per token over the stored top-k → [b, s]:
+    """ToDi (arXiv 2505.16297, Eq. 5–6), per token over the stored top-k → [b, s]:
 
     α_v = sg σ(β log(p_T(v)/q_θ(v)));  Σ_v α_v p_T log(p_T/q_θ) + (1−α_v) q_θ log(q_θ/p_T)
+
+    Each term is ≥ 0 for β > 0 (both factors change sign where p_T = q_θ), so the loss is 0 only
+    when q_θ equals the (renormalized) teacher on S, which leaves it no mass elsewhere.
     """
     logp_teacher, logp_student = _topk_distributions(logp_student_topk, teacher_topk_logprobs, mode)
     log_ratio = logp_teacher - logp_student  # [b, s, k]: log(p_T / q_θ)

@@ -1,4 +1,4 @@
-"""The corrected loss against float64 reference loops over tokens (METHOD.md §1–2)."""
+"""The corrected loss against float64 reference loops over tokens (docs/method.md)."""
 
 import math
 
@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_dcod.config import CorrectionConfig
-from megatron_dcod.correction.loss import corrected_loss, summarize_stats
+from megatron_dcod.correction.objective import corrected_loss, summarize_stats, token_weights
+from megatron_dcod.correction.token_losses import todi_loss, topk_kl_loss
 
 VOCAB, TOPK = 11, 3
 
@@ -64,7 +65,7 @@ def reference_weights(config, logp, batch):
             elif config.weighting == "iw_sft":
                 ratios = [logp[row][u] - ref[row][u] for u in same if mask[row][u]]
                 mean = sum(ratios) / len(ratios) if ratios else 0.0
-                w[row][t] = min(max(math.exp(mean), 0.0), 16.0)
+                w[row][t] = min(max(math.exp(mean), 0.0), config.iw_sft_max_weight)
             else:
                 if config.scope == "token":
                     d = logp[row][t] - teacher[row][t]
@@ -131,18 +132,62 @@ def test_sft_equals_plain_masked_cross_entropy_exactly():
 
 
 def test_dcod_weights_bounds_and_clipping_edges():
+    """Bounds on the library's weights (not the reference's), saturated Δ = ±1e4 included."""
     logits, batch = make_batch(extreme=True)
     ce = token_ce(logits, batch["labels"])
     mask = batch["loss_mask"].bool()
-    for clip_min, clip_max in ((None, None), (0.0, 2.0), (1.0, 1.0)):
+    log_ratio = -ce - batch["teacher_logprobs"]
+    for clip_min, clip_max, low, high in ((None, None, 0, 2), (0.5, 1.5, 0.5, 1.5), (1, 1, 1, 1)):
         config = CorrectionConfig(weighting="dcod", clip_min=clip_min, clip_max=clip_max)
-        w = reference_weights(config, (-ce).tolist(), batch)
-        result = corrected_loss(config, ce, batch)
-        stats = summarize_stats(result.stats)
-        assert 0.0 <= w[mask].min() and w[mask].max() <= 2.0
-        torch.testing.assert_close(stats["w mean"], w[mask].mean().item(), rtol=1e-12, atol=0)
-        if clip_min == clip_max == 1.0:  # a degenerate clip is plain SFT
-            assert stats["w std"] == 0 and stats["w ess"] == pytest.approx(1.0)
+        w = token_weights(config, -ce, log_ratio, batch)[mask]
+        assert low <= w.min() and w.max() <= high and torch.isfinite(w).all()
+        reference = reference_weights(config, (-ce).tolist(), batch)[mask]
+        torch.testing.assert_close(w, reference, rtol=1e-12, atol=1e-12)
+    saturated = token_weights(CorrectionConfig(weighting="dcod"), -ce, log_ratio, batch)
+    assert saturated[0, 1] == 2.0 and saturated[1, 5] == 0.0  # Δ = +1e4 and −1e4
+
+
+def test_weight_statistics_against_numpy():
+    """w mean, w std, w ess, w<0.1 frac and delta mean of the summed stats, recomputed with
+    numpy from the reference weights and Δ of the supervised tokens."""
+    import numpy as np
+
+    logits, batch = make_batch(seed=5)
+    batch["teacher_logprobs"][1, 4] = 3.0  # one strongly down-weighted token: w < 0.1 counts
+    config = CorrectionConfig(weighting="dcod", temperature=0.7)
+    ce = token_ce(logits, batch["labels"])
+    result = corrected_loss(config, ce, batch)
+    summary = summarize_stats(result.stats)
+    mask = batch["loss_mask"].bool().numpy()
+    w = reference_weights(config, (-ce).tolist(), batch).numpy()[mask]
+    delta = (-ce - batch["teacher_logprobs"]).numpy()[mask]
+    expected = {
+        "w mean": w.mean(),
+        "w std": w.std(),
+        "w ess": w.sum() ** 2 / (len(w) * (w**2).sum()),
+        "w<0.1 frac": (w < 0.1).mean(),
+        "delta mean": delta.mean(),
+    }
+    assert 0 < expected["w<0.1 frac"] < 1 and expected["w std"] > 0.1
+    for name, value in expected.items():
+        assert summary[name] == pytest.approx(value, rel=1e-10, abs=1e-12), name
+
+
+@pytest.mark.parametrize("max_weight", [16.0, 3.0])
+def test_iw_sft_clamp_is_reached_and_configurable(max_weight):
+    """A trace the student now likes far more than π_0 (mean log-ratio 5: e^5 ≈ 148) is
+    clamped at --dcod-iw-sft-max-weight; a trace it likes less is not."""
+    logits, batch = make_batch(seed=2)
+    ce = token_ce(logits, batch["labels"])
+    batch["ref_logprobs"] = torch.where(batch["loss_mask"] > 0, -ce - 5.0, 0.0)  # trace 0, 4
+    batch["ref_logprobs"][0, 5] = -ce[0, 5] + 1.0  # trace 1: e^-1
+    config = CorrectionConfig(weighting="iw_sft", iw_sft_max_weight=max_weight)
+    w = token_weights(config, -ce, None, batch)
+    assert w[0, 1] == max_weight and w[1, 4] == max_weight
+    assert w[0, 5].item() == pytest.approx(math.exp(-1.0))
+    reference = reference_weights(config, (-ce).tolist(), batch)
+    mask = batch["loss_mask"].bool()
+    torch.testing.assert_close(w[mask], reference[mask], rtol=1e-12, atol=0)
 
 
 def reference_topk_loss(config, logits, batch):
@@ -154,9 +199,9 @@ def reference_topk_loss(config, logits, batch):
             ids = batch["teacher_topk_ids"][r, t].tolist()
             logp_t = batch["teacher_topk_logprobs"][r, t].double().tolist()
             logq = [logq_all[r, t, i] for i in ids]
-            if config.topk_mode == "renormalize":
-                zt, zq = math.log(sum(map(math.exp, logp_t))), torch.logsumexp(torch.stack(logq), 0)
-                logp_t, logq = [x - zt for x in logp_t], [x - zq for x in logq]
+            if config.topk_mode == "renormalize":  # the teacher only: q keeps its full support
+                zt = math.log(sum(map(math.exp, logp_t)))
+                logp_t = [x - zt for x in logp_t]
             else:
                 logp_t = logp_t + [math.log(1 - sum(map(math.exp, logp_t)))]
                 logq = logq + [torch.log(1 - sum(torch.exp(x) for x in logq))]
@@ -204,3 +249,39 @@ def test_required_arrays_and_bad_knobs():
         CorrectionConfig(weighting="ppo")
     with pytest.raises(ValueError, match="temperature must be positive"):
         CorrectionConfig(temperature=0.0)
+
+
+def student_with_mass_outside(teacher_topk: torch.Tensor, outside: float) -> torch.Tensor:
+    """Full-vocabulary log-probs of the teacher's k ids (ids 0..k-1 of a vocabulary of 8) for a
+    student that copies the teacher's shape on them and puts `outside` of its mass elsewhere."""
+    k = teacher_topk.shape[-1]
+    teacher = teacher_topk.softmax(-1)
+    full = torch.cat([(1 - outside) * teacher, torch.full((8 - k,), outside / (8 - k))])
+    return full.log()[:k]  # what vocab_parallel_logprobs_at returns at the k ids
+
+
+@pytest.mark.parametrize("mode", ["renormalize", "tail"])
+@pytest.mark.parametrize("base_loss", ["kl", "todi"])
+def test_topk_losses_see_mass_outside_the_teacher_ids(base_loss, mode):
+    """≥ 0; 0 only when the student matches the teacher on the k ids with nothing elsewhere;
+    growing as the student moves mass off the teacher's ids (renormalizing the student over
+    the k ids, as the flawed first version did, makes every case here score 0)."""
+    loss = topk_kl_loss if base_loss == "kl" else (lambda s, t, m: todi_loss(s, t, m, 0.7))
+    teacher_topk = torch.tensor([-0.4, -1.5, -2.5], dtype=torch.float64)
+    teacher_topk = teacher_topk - teacher_topk.logsumexp(0) if mode == "tail" else teacher_topk
+    if mode == "tail":  # the tail bucket needs teacher mass outside the ids too
+        teacher_topk = teacher_topk + math.log(0.9)
+    losses = []
+    for outside in (0.0, 0.05, 0.2, 0.5, 0.9):
+        student = student_with_mass_outside(teacher_topk - teacher_topk.logsumexp(0), outside)
+        losses.append(loss(student[None, None], teacher_topk[None, None], mode).item())
+    if mode == "renormalize":
+        assert abs(losses[0]) < 1e-12  # the student equals the renormalized teacher, no tail
+    assert all(later > earlier for earlier, later in zip(losses[1:], losses[2:]))
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):  # any student distribution: never negative
+        student = torch.log_softmax(torch.randn(8, generator=generator, dtype=torch.float64), 0)
+        assert loss(student[None, None, :3], teacher_topk[None, None], mode).item() >= 0
+    matched = (teacher_topk - teacher_topk.logsumexp(0)) if mode == "renormalize" else None
+    if matched is not None:  # the same shape on the ids and no mass elsewhere: exactly 0
+        assert abs(loss(matched[None, None], teacher_topk[None, None], mode).item()) < 1e-12

@@ -4,15 +4,23 @@
 gives `--data-path` blends (weights), `--split` train/valid/test splits and the blended index.
 Each epoch shuffles the traces of its split with the run's seed, then packs them greedily in that
 order into `seq_length`-token sequences (or one trace per sequence without packing). A trace of
-T tokens gives T−1 (input, target) positions, shifted once per the alignment rule of DESIGN.md
-§4: input = tokens[:-1], label = tokens[1:], and every per-token array takes the [1:] slice.
-Traces with more than `seq_length` positions are truncated (counted and logged).
+T tokens gives T−1 (input, target) positions, shifted once per the format's alignment rule
+(docs/data_format.md): input = tokens[:-1], label = tokens[1:], and every per-token array takes
+the [1:] slice. Traces with more than `seq_length` positions are truncated (counted and logged).
+With `--data-cache-path`, the sample index (trace order and sequence starts) is cached there.
+
+The arrays were validated when the dataset was written (finite log-probs, alignment); samples
+are not checked again. Which arrays a run needs, and the tokenizer, are checked once before
+training starts (`training/preflight.py`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from megatron.core.datasets.blended_megatron_dataset_config import BlendedMegatronDatasetConfig
@@ -20,12 +28,9 @@ from megatron.core.datasets.megatron_dataset import MegatronDataset
 from megatron.core.datasets.utils import Split
 
 from megatron_dcod.config import TraceDataConfig
-from megatron_dcod.data.trace_format import TraceDataset, TraceFormatError, TokenizerFingerprint
+from megatron_dcod.data.trace_format import ARRAY_SPECS, TraceDataset
 
 logger = logging.getLogger(__name__)
-
-SCALAR_FLOAT_ARRAYS = ("teacher_logprobs", "ref_logprobs")
-TOPK_ARRAYS = ("teacher_topk_ids", "teacher_topk_logprobs")
 
 
 @dataclass(kw_only=True)
@@ -33,10 +38,7 @@ class TraceBlendConfig(BlendedMegatronDatasetConfig):
     """Megatron's dataset-builder config plus how traces become sequences."""
 
     trace: TraceDataConfig | None = None
-    """Packing, optional arrays and the expected tokenizer."""
-    expected_tokenizer: TokenizerFingerprint | None = None
-    """Every dataset must carry this tokenizer fingerprint (None: they must agree among
-    themselves, checked by the dataset provider)."""
+    """Packing and the optional arrays to load."""
 
 
 def pack_greedily(lengths: np.ndarray, capacity: int) -> np.ndarray:
@@ -63,7 +65,7 @@ class TraceSequenceDataset(MegatronDataset):
         super().__init__(dataset, dataset_path, indices, num_samples, index_split, config)
         self.trace_config: TraceDataConfig = config.trace
         self.seq_length = config.sequence_length
-        self.order, self.bin_starts, self.truncated = self._build_sample_index()
+        self.order, self.bin_starts, self.truncated = self._cached_sample_index()
         logger.info(
             "%s (%s): %d traces → %d sequences of %d tokens, %d traces truncated",
             dataset_path, index_split.name, len(indices), len(self), self.seq_length,
@@ -76,18 +78,29 @@ class TraceSequenceDataset(MegatronDataset):
 
     @staticmethod
     def build_low_level_dataset(dataset_path: str, config: TraceBlendConfig) -> TraceDataset:
-        dataset = TraceDataset(dataset_path, tokenizer=config.expected_tokenizer)
-        missing = [name for name in config.trace.arrays if not dataset.has(name)]
-        if missing:
-            raise TraceFormatError(
-                f"{dataset_path}: the run needs {missing}, which this trace dataset lacks "
-                f"(it has {sorted(dataset.meta['arrays'])})"
-            )
-        return dataset
+        return TraceDataset(dataset_path)
 
     @staticmethod
     def _key_config_attributes() -> list[str]:
         return ["random_seed", "sequence_length", "split"]
+
+    def _cached_sample_index(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """`_build_sample_index`, read from / written to `config.path_to_cache` when set."""
+        if not self.config.path_to_cache:
+            return self._build_sample_index()
+        identity = f"{self.unique_description}\npack={self.trace_config.pack}\n"
+        identity += f"traces={len(self.dataset)} tokens={int(self.dataset.lengths.sum())}"
+        key = hashlib.md5(identity.encode(), usedforsecurity=False).hexdigest()
+        path = Path(self.config.path_to_cache, f"{key}-trace_sequence_index.npz")
+        if path.is_file():
+            cached = np.load(path)
+            return cached["order"], cached["bin_starts"], int(cached["truncated"])
+        order, bin_starts, truncated = self._build_sample_index()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.npz")
+        np.savez(temporary, order=order, bin_starts=bin_starts, truncated=truncated)
+        os.replace(temporary, path)  # ranks that build it at once write the same bytes
+        return order, bin_starts, truncated
 
     def _build_sample_index(self) -> tuple[np.ndarray, np.ndarray, int]:
         """(trace order over all epochs, bin start offsets into it, truncated-trace count)."""
@@ -123,8 +136,8 @@ class TraceSequenceDataset(MegatronDataset):
             "position_ids": np.zeros(seq, np.int64),
         }
         for name in self.trace_config.arrays:
-            shape = (seq, k) if name in TOPK_ARRAYS else (seq,)
-            sample[name] = np.zeros(shape, np.int64 if name.endswith("ids") else np.float32)
+            spec = ARRAY_SPECS[name]
+            sample[name] = np.zeros((seq, k) if spec.per_token == "topk" else seq, spec.dtype)
         trace_indices = self.order[self.bin_starts[index] : self.bin_starts[index + 1]]
         segment_ids = np.full(seq, len(trace_indices), np.int64)  # padding: a segment of its own
         used = 0
@@ -138,12 +151,7 @@ class TraceSequenceDataset(MegatronDataset):
             sample["position_ids"][span] = np.arange(count)
             segment_ids[span] = segment
             for name in self.trace_config.arrays:
-                values = getattr(trace, name)[1 : count + 1]
-                if name.endswith("logprobs") and not np.isfinite(values).all():
-                    raise TraceFormatError(
-                        f"{self.dataset_path}: trace {int(trace_index)} has non-finite {name}"
-                    )
-                sample[name][span] = values
+                sample[name][span] = getattr(trace, name)[1 : count + 1]
             used += count
         sample["segment_ids"] = segment_ids
         return sample

@@ -1,0 +1,170 @@
+"""The corrected loss of one micro-batch: L = Σ_t m_t w_t ℓ_t / N (docs/method.md).
+
+The numerator is returned summed; the normalizer N counts what `CorrectionConfig.normalization`
+names (supervised tokens, or their weights) and is summed over every micro-batch and
+data-parallel rank of the step before dividing (Megatron's per-token-loss mode), so the loss
+does not depend on how the global batch is split.
+
+A micro-batch with a non-finite weight or token loss on any supervised token is dropped on the
+device: every term is masked to 0 (`torch.where`, so no NaN reaches the backward through the
+masked terms either), its tokens leave the normalizer, and the graph stays connected, so every
+parameter still receives its (zero) gradient, the gradient hooks of overlapped reduction fire
+and pipeline stages exchange their gradients as usual. No host synchronization is involved;
+the dropped micro-batches and tokens are counted in the stats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_dcod.config import CorrectionConfig
+from megatron_dcod.correction import token_losses, weights
+
+LOW_WEIGHT = 0.1
+"""Diagnostics count the supervised tokens with w below this."""
+
+STAT_NAMES = (
+    "tokens",
+    "w_sum",
+    "w_sq_sum",
+    "w_low",
+    "delta_sum",
+    "delta_tokens",
+    "dropped_microbatches",
+    "dropped_tokens",
+)
+"""Entries of `CorrectedLoss.stats`: sums over the kept supervised tokens of the micro-batch,
+then the count of dropped micro-batches (0 or 1) and of their supervised tokens."""
+
+
+@dataclass
+class CorrectedLoss:
+    """One micro-batch's share of the step loss (all zero, but connected, when dropped)."""
+
+    loss_sum: torch.Tensor  # [] Σ m w ℓ, with gradient
+    normalizer: torch.Tensor  # [] Σ m (tokens) or Σ m w (weights), no gradient
+    supervised_tokens: torch.Tensor  # [] Σ m over the kept tokens
+    base_loss_sum: torch.Tensor  # [] Σ m ℓ, the unweighted loss (diagnostic), no gradient
+    stats: torch.Tensor  # [len(STAT_NAMES)] fp64 sums for the weight diagnostics
+
+
+def student_logprobs_and_token_loss(
+    config: CorrectionConfig, output: torch.Tensor, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log π_θ(y_t) [b, s] detached, ℓ_t [b, s] with gradient) from the model output.
+
+    For `ce` the output is Megatron's per-token cross-entropy [b, s] (log π_θ(y_t) = −ℓ_t, no
+    second pass over the logits); for `kl`/`todi` it is the logits [b, s, v/tp].
+    """
+    if config.base_loss == "ce":
+        token_loss = token_losses.at_least_fp32(output)
+        return -token_loss.detach(), token_loss
+    picked_ids = torch.cat([batch["labels"].unsqueeze(-1), batch["teacher_topk_ids"]], dim=-1)
+    picked = token_losses.vocab_parallel_logprobs_at(output, picked_ids.long())  # [b, s, 1+k]
+    logp_student, logp_student_topk = picked[..., 0].detach(), picked[..., 1:]
+    teacher_topk = batch["teacher_topk_logprobs"]
+    if config.base_loss == "kl":
+        token_loss = token_losses.topk_kl_loss(logp_student_topk, teacher_topk, config.topk_mode)
+    else:
+        token_loss = token_losses.todi_loss(
+            logp_student_topk, teacher_topk, config.topk_mode, config.todi_beta
+        )
+    return logp_student, token_loss
+
+
+def token_weights(
+    config: CorrectionConfig,
+    logp_student: torch.Tensor,
+    log_ratio: torch.Tensor | None,
+    batch: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """w_t [b, s] of the configured weighting, without gradient; `log_ratio` is Δ_t."""
+    loss_mask, segment_ids = batch["loss_mask"], batch["segment_ids"]
+    if config.weighting == "sft":
+        return torch.ones_like(logp_student)
+    if config.weighting == "dft":
+        return weights.dft_weights(logp_student)
+    if config.weighting == "iw_sft":
+        return weights.iw_sft_weights(
+            logp_student, batch["ref_logprobs"], loss_mask, segment_ids, config.iw_sft_max_weight
+        )
+    scoped = weights.scoped_log_ratio(log_ratio, loss_mask, segment_ids, config.scope)
+    clip = (config.clip_min, config.clip_max)
+    return weights.dcod_weights(scoped, config.temperature, config.offset, config.scale, clip)
+
+
+def corrected_loss(
+    config: CorrectionConfig, output: torch.Tensor, batch: dict[str, torch.Tensor]
+) -> CorrectedLoss:
+    """Σ m w ℓ of one micro-batch, its normalizer and weight statistics (see module doc)."""
+    loss_mask = token_losses.at_least_fp32(batch["loss_mask"])  # [b, s]
+    logp_student, token_loss = student_logprobs_and_token_loss(config, output, batch)
+    log_ratio = None  # [b, s] Δ_t = log π_θ − log π_T, formed once for the weight and the stats
+    if "teacher_logprobs" in batch:
+        log_ratio = logp_student - batch["teacher_logprobs"].to(logp_student.dtype)
+    token_weight = token_weights(config, logp_student, log_ratio, batch)  # [b, s]
+
+    supervised = loss_mask > 0  # [b, s]
+    finite = torch.isfinite(token_weight) & torch.isfinite(token_loss)
+    kept_batch = (finite | ~supervised).all()  # [] bool: False drops the whole micro-batch
+    kept = supervised & kept_batch  # [b, s]
+    weight = torch.where(kept, token_weight, 0.0)
+    kept_loss = torch.where(kept, token_loss, 0.0)  # a dropped term's gradient is exactly 0
+    kept_mask = kept.to(loss_mask.dtype)
+    loss_sum = (weight * kept_loss).sum()
+    normalizer = kept_mask.sum() if config.normalization == "tokens" else weight.sum()
+    if log_ratio is not None:
+        log_ratio = torch.where(kept, log_ratio, 0.0)
+    return CorrectedLoss(
+        loss_sum=loss_sum,
+        normalizer=normalizer.detach(),
+        supervised_tokens=kept_mask.sum(),
+        base_loss_sum=kept_loss.detach().sum(),
+        stats=weight_stats(weight, log_ratio, kept_mask, loss_mask, kept_batch),
+    )
+
+
+def weight_stats(
+    weight: torch.Tensor,
+    log_ratio: torch.Tensor | None,
+    kept_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    kept_batch: torch.Tensor,
+) -> torch.Tensor:
+    """Sums named by STAT_NAMES, fp64 [8]; `weight` and `log_ratio` are 0 off `kept_mask`."""
+    weight, mask = weight.detach().double(), kept_mask.double()
+    zero = torch.zeros((), dtype=torch.float64, device=mask.device)
+    dropped = (~kept_batch).double()  # [] 1.0 when the micro-batch was dropped
+    return torch.stack(
+        [
+            mask.sum(),
+            weight.sum(),
+            (weight * weight).sum(),
+            ((weight < LOW_WEIGHT).double() * mask).sum(),
+            zero if log_ratio is None else log_ratio.double().sum(),
+            zero if log_ratio is None else mask.sum(),
+            dropped,
+            dropped * loss_mask.double().sum(),
+        ]
+    )
+
+
+def summarize_stats(stats: torch.Tensor) -> dict[str, float]:
+    """The diagnostics of docs/method.md from summed stats: mean/std of w, ESS, low-w share,
+    mean Δ, and the dropped micro-batches and tokens."""
+    tokens, w_sum, w_sq_sum, w_low, delta_sum, delta_tokens, dropped, dropped_tokens = (
+        stats.tolist()
+    )
+    n = max(tokens, 1.0)
+    mean = w_sum / n
+    return {
+        "w mean": mean,
+        "w std": max(w_sq_sum / n - mean * mean, 0.0) ** 0.5,
+        "w ess": w_sum * w_sum / (n * w_sq_sum) if w_sq_sum > 0 else 0.0,  # (Σw)² / (n Σw²)
+        "w<0.1 frac": w_low / n,
+        "delta mean": delta_sum / delta_tokens if delta_tokens > 0 else float("nan"),
+        "dropped_microbatches": int(dropped),
+        "dropped_tokens": int(dropped_tokens),
+    }
