@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""Cost of the DCOD correction over plain SFT: step time, tokens/s, peak RSS.
+"""Cost of the DCOD correction over plain SFT: step time, tokens/s, peak memory.
 
-Two copies of one student (same init, data and seed) train side by side in one process, steps
-interleaved SFT, DCOD, SFT, DCOD, ... so that machine noise hits both alike. Each step is the
-training code path: packed batch from the trace dataset → Megatron GPTModel with its fused
+Time: two copies of one student (same init, data and seed) train side by side in one process,
+steps interleaved SFT, DCOD, SFT, DCOD, ... so that machine noise hits both alike. Each step is
+the training code path: packed batch from the trace dataset → Megatron GPTModel with its fused
 vocab-parallel cross-entropy → ForwardStep.loss (the corrected loss) → backward → Adam.
 DCOD runs with token scope and the `ce` base loss, so it adds only the weight math on top of
-the loss Megatron computes.
+the loss Megatron computes. Memory: each variant alone in a fresh process (`--memory-of`), whose
+peak RSS (and peak CUDA allocation on a GPU) is that variant's, not a shared running maximum.
 
     python benchmarks/correction_overhead.py [--steps 30] [--warmup 5] [--preset tiny|1b]
 
@@ -17,7 +18,9 @@ sft_tokens_per_s, dcod_tokens_per_s (goal: ratio_median <= 1.03 on CPU, <= 1.01 
 import argparse
 import json
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +29,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-import psutil  # noqa: E402
 import torch  # noqa: E402
 
 from megatron_dcod.megatron import patches  # noqa: E402
@@ -125,7 +127,22 @@ def main() -> None:
     parser.add_argument("--preset", choices=PRESETS, default="tiny")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant")
+    parser.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)  # child mode
     args = parser.parse_args()
+    if args.memory_of:
+        print(json.dumps(train_variants(args, (args.memory_of,))[1]))
+        return
+    times, _ = train_variants(args, VARIANTS)
+    memory = {name: peak_memory_of(name, args) for name in VARIANTS}
+    report(args, times, memory, tokens_per_step=PRESETS[args.preset][6] * PRESETS[args.preset][7])
+
+
+VARIANTS = ("sft", "dcod")
+
+
+def train_variants(args, names) -> tuple[dict, dict]:
+    """({variant: timed step seconds}, this process's peak memory) of the named variants,
+    trained interleaved from the same init on the same batches."""
     cpu = patches.apply(patches.LIBRARY).cpu
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29761"))
     torch.distributed.init_process_group("gloo" if cpu else "nccl", rank=0, world_size=1)
@@ -136,29 +153,39 @@ def main() -> None:
 
     parallel_state.initialize_model_parallel()
     dtype = torch.float32 if cpu else torch.bfloat16
-    total = args.steps + args.warmup
-    variants = {
-        "sft": ForwardStep(CorrectionConfig(weighting="sft"), pack=True),
-        "dcod": ForwardStep(CorrectionConfig(weighting="dcod", scope="token"), pack=True),
+    corrections = {
+        "sft": CorrectionConfig(weighting="sft"),
+        "dcod": CorrectionConfig(weighting="dcod", scope="token"),
     }
-    models = {name: build_model(args.preset, dtype) for name in variants}
-    optimizers = {name: torch.optim.Adam(models[name].parameters(), lr=1e-4) for name in variants}
-    times = {name: [] for name in variants}
-    peak_rss = {name: 0 for name in variants}
-    process = psutil.Process()
+    steps = {name: ForwardStep(corrections[name], pack=True) for name in names}
+    models = {name: build_model(args.preset, dtype) for name in names}
+    optimizers = {name: torch.optim.Adam(models[name].parameters(), lr=1e-4) for name in names}
+    times = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as work:
         vocab = PRESETS[args.preset][5]
         prefix = write_traces(Path(work, "traces"), vocab, count=2000)
-        for index, batch in enumerate(batches(prefix, args.preset, total)):
-            for name, step in variants.items():  # interleaved: same batch, same moment
+        for index, batch in enumerate(batches(prefix, args.preset, args.steps + args.warmup)):
+            for name, step in steps.items():  # interleaved: same batch, same moment
                 seconds = timed_step(step, models[name], optimizers[name], batch)
-                peak_rss[name] = max(peak_rss[name], process.memory_info().rss)
                 if index >= args.warmup:
                     times[name].append(seconds)
-    report(args, times, peak_rss, tokens_per_step=PRESETS[args.preset][6] * PRESETS[args.preset][7])
+    torch.distributed.destroy_process_group()
+    memory = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if not cpu:
+        memory["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return times, memory
 
 
-def report(args, times, peak_rss, tokens_per_step: int) -> None:
+def peak_memory_of(name: str, args) -> dict:
+    """Peak memory of a fresh process that trains only `name` (the same steps)."""
+    command = [sys.executable, __file__, "--memory-of", name, "--preset", args.preset]
+    command += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+    environment = {**os.environ, "MASTER_PORT": str(int(os.environ.get("MASTER_PORT", 29761)) + 1)}
+    result = subprocess.run(command, capture_output=True, text=True, check=True, env=environment)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def report(args, times, memory, tokens_per_step: int) -> None:
     ratios = [dcod / sft for sft, dcod in zip(times["sft"], times["dcod"])]
     device = "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()
     print(f"correction overhead, preset {args.preset}, {args.steps} timed steps, {device}")
@@ -167,9 +194,10 @@ def report(args, times, peak_rss, tokens_per_step: int) -> None:
     for name, seconds in times.items():
         median = statistics.median(seconds)
         figures[f"{name}_tokens_per_s"] = round(tokens_per_step / median, 1)
-        print(
-            f"{name:8} {median:14.4f} {tokens_per_step / median:12.1f} {peak_rss[name] / 2**20:12.0f}"
-        )
+        for key, value in memory[name].items():
+            figures[f"{name}_{key}"] = round(value)
+        rss = memory[name]["peak_rss_mb"]
+        print(f"{name:8} {median:14.4f} {tokens_per_step / median:12.1f} {rss:12.0f}")
     ratio = statistics.median(ratios)
     print(f"median step-time ratio dcod/sft: {ratio:.4f} (goal <= 1.03 on CPU, <= 1.01 on GPU)")
     print(
@@ -180,8 +208,6 @@ def report(args, times, peak_rss, tokens_per_step: int) -> None:
                 "device": device,
                 "ratio_median": round(ratio, 4),
                 **figures,
-                "sft_peak_rss_mb": round(peak_rss["sft"] / 2**20),
-                "dcod_peak_rss_mb": round(peak_rss["dcod"] / 2**20),
             }
         )
     )

@@ -6,7 +6,7 @@ HF dir by transformers) greedily on the first problems of a GSM8K file, once per
 reports generated tokens/s, problems/s and the model's accuracy (the same greedy answers at
 every batch size up to padding numerics).
 
-    python benchmarks/eval_throughput.py --data ../shared/data/math_eval/gsm8k/test.jsonl \
+    python benchmarks/eval_throughput.py --data data/gsm8k/test.jsonl \
         [--limit 50] [--batch-sizes 1 16] [--max-new-tokens 512] [--device cpu] [--work DIR]
 
 Last line: JSON with one entry per batch size.

@@ -27,7 +27,6 @@ from pathlib import Path
 os.environ["RAYON_RS_NUM_CPUS"] = "1"  # raw baseline and every worker: one core each
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 
 from megatron_dcod.config import PreprocessConfig  # noqa: E402
 from megatron_dcod.data.chat import ChatTokenizer  # noqa: E402

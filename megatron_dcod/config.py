@@ -9,7 +9,7 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class RecordFields:
-    """Names of the fields of an input record (DESIGN.md §4, "Input records")."""
+    """Names of the fields of an input record (docs/data_format.md, "Input records")."""
 
     messages: str = "messages"
     """Chat list of {role, content}; used when present, else prompt + response."""
@@ -47,7 +47,7 @@ class ScoringConfig:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """tools/preprocess_traces.py: teacher traces in, one trace dataset (DESIGN.md §4) out."""
+    """tools/preprocess_traces.py: teacher traces in, one trace dataset out (docs/data_format.md)."""
 
     inputs: tuple[str, ...]
     """JSONL / JSON / Parquet files or HF dataset dirs, read in the order given."""
@@ -84,10 +84,10 @@ TOPK_MODES = ("renormalize", "tail")
 
 @dataclass(frozen=True)
 class CorrectionConfig:
-    """Which per-token weight multiplies which token loss (METHOD.md §1–2); `--dcod-*` flags."""
+    """Which per-token weight multiplies which token loss (docs/method.md); `--dcod-*` flags."""
 
     weighting: str = "sft"
-    """w_t: "sft" (1), "dft" (π_θ), "iw_sft" (sequence ratio to π_0), "dcod" (METHOD.md §1)."""
+    """w_t: "sft" (1), "dft" (π_θ), "iw_sft" (sequence ratio to π_0), "dcod" (docs/method.md)."""
     base_loss: str = "ce"
     """ℓ_t: "ce" (cross-entropy of the trace token), "kl" (top-k KD), "todi" (top-k ToDi)."""
     scope: str = "token"
@@ -129,7 +129,7 @@ class CorrectionConfig:
             raise ValueError(f"dcod temperature must be positive, got {self.temperature}")
 
     def required_arrays(self) -> tuple[str, ...]:
-        """Trace-dataset arrays (DESIGN.md §4) this correction reads, beyond tokens and mask."""
+        """Trace-dataset arrays this correction reads, beyond tokens and loss mask."""
         needed = []
         if self.weighting == "dcod":
             needed.append("teacher_logprobs")

@@ -79,7 +79,7 @@ source "${REPO_ROOT}/slurm/common.sh"
 : "${LOG_INTERVAL:=10}"
 : "${PRECISION:=bf16}"          # bf16 or fp32 (fp32: CPU runs)
 : "${FP8:=1}"                   # FP8 GEMMs through Transformer Engine (H100 and newer)
-: "${WEIGHTING:=dcod}"          # sft, dft, iw_sft, dcod (README, METHOD.md)
+: "${WEIGHTING:=dcod}"          # sft, dft, iw_sft, dcod (README, docs/method.md)
 : "${DCOD_SCOPE:=token}"
 : "${DCOD_TEMPERATURE:=1}"
 : "${DCOD_OFFSET:=0}"

@@ -2,7 +2,7 @@
 """Evaluate an HF checkpoint on a math benchmark (GSM8K, MATH500, AIME, AMC, OlympiadBench, ...).
 
     python tools/eval_math.py --model DIR --benchmark gsm8k \
-        --data ../shared/data/math_eval/gsm8k/test.jsonl [--limit 50] [--out DIR]
+        --data data/gsm8k/test.jsonl [--limit 50] [--out DIR]
     python tools/eval_math.py --model DIR --benchmark aime24 --data aime24.jsonl -k 16
     python tools/eval_math.py --model DIR --benchmark custom --data problems.jsonl
     python tools/eval_math.py --benchmark math500 --data math500.jsonl --gold-vs-gold

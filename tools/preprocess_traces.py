@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Teacher traces (JSONL / JSON / Parquet / HF dataset dirs) → a trace dataset (DESIGN.md §4).
+"""Teacher traces (JSONL / JSON / Parquet / HF dataset dirs) → a trace dataset.
 
     python tools/preprocess_traces.py --input traces.jsonl --output-prefix data/traces \
         --tokenizer STUDENT_TOKENIZER_DIR [--workers 8] [--max-seq-length 16384] \

@@ -3,7 +3,7 @@
 A problem is a start number and 2–4 operations, e.g. `Compute 8 + 5 - 6 + 3.`; every running
 total stays in 0..MAX_TOTAL so that each step is one fact a tiny model can learn. The same
 problem has two solution styles, so that teacher and student start from different
-distributions (METHOD.md §1: DCOD weighs the teacher's tokens by the student's support):
+distributions (docs/method.md §1: DCOD weighs the teacher's tokens by the student's support):
 
     teacher   Step 1: 8 + 5 = 13.         student   8 plus 5 gives 13, minus 6 gives 7,
               Step 2: 13 - 6 = 7.                   plus 3 gives 10. So \\boxed{10}.

@@ -2,7 +2,7 @@
 
 Training figures come from the TensorBoard scalars that `megatron_dcod.train` writes (`base
 loss` = the unweighted CE on the teacher's tokens, comparable between methods; `dcod/*` = the
-weight diagnostics of METHOD.md §2); accuracies from the `summary.json` of tools/eval_math.py.
+weight diagnostics of docs/method.md); accuracies from the `summary.json` of tools/eval_math.py.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-TABLE_COLUMNS = ("model", "held-out acc", "val CE", "w mean", "w ESS", "w<0.1", "Δ mean")
+TABLE_COLUMNS = ("model", "held-out acc", "val loss", "w mean", "w ESS", "w<0.1", "Δ mean")
 
 
 def latest_iteration(save_dir: Path) -> int | None:
@@ -57,8 +57,9 @@ def side_by_side(out: Path, models: dict[str, Path], methods, plot: Path | None)
     problems = summary["problems"]
     table = "\n".join(lines) + (
         f"\n\nheld-out acc: greedy pass@1 on {problems} held-out problems (tools/eval_math.py); "
-        "val CE: unweighted cross-entropy on held-out teacher traces at the end; w: the "
-        "training weights over the last log interval (SFT: w = 1); Δ = log π_θ − log π_T."
+        "val loss: the unweighted token loss (cross-entropy, or the top-k KL / ToDi) on "
+        "held-out teacher traces at the end; w: the training weights over the last log "
+        "interval (w = 1 without DCOD); Δ = log π_θ − log π_T."
     )
     (out / "results.md").write_text(table + "\n")
     if plot is not None:
@@ -83,7 +84,8 @@ def plot_curves(runs: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (losses, weights) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-    for color, (name, curves) in zip(("tab:blue", "tab:red", "tab:green"), runs.items()):
+    for index, (name, curves) in enumerate(runs.items()):
+        color = f"C{index}"  # matplotlib's colour cycle
         for axes, tag, style, label in (
             (losses, "base loss", "-", "train"),
             (losses, "base loss validation", "o--", "validation"),

@@ -42,8 +42,17 @@ MODEL_SIZES = {"teacher": (96, 3, 4, 400), "student": (64, 2, 4, 200)}
 """hidden size, layers, attention heads, pre-training steps (batch 32): the teacher is bigger
 and trained longer than the student."""
 TP = 2
-METHODS = {"sft": ["--dcod-weighting", "sft"], "dcod": ["--dcod-weighting", "dcod"]}
-"""The two students trained from the same start: flags added to the training command."""
+METHODS = {
+    "sft": ["--dcod-weighting", "sft"],
+    "dcod": ["--dcod-weighting", "dcod"],
+    "kl": ["--dcod-weighting", "sft", "--dcod-base-loss", "kl"],
+    "dcod_kl": ["--dcod-weighting", "dcod", "--dcod-base-loss", "kl"],
+    "todi": ["--dcod-weighting", "sft", "--dcod-base-loss", "todi"],
+    "dcod_todi": ["--dcod-weighting", "dcod", "--dcod-base-loss", "todi"],
+}
+"""Students that can be trained from the same start (`--methods`): flags added to the training
+command. The top-k losses use the teacher's stored top-4."""
+DEFAULT_METHODS = ("sft", "dcod")
 
 
 @dataclass(frozen=True)
@@ -116,9 +125,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "quickstart")
     parser.add_argument("--train-iters", type=int, default=300, help="steps of each student")
+    parser.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated students to train, of {', '.join(METHODS)}",
+    )
     args = parser.parse_args()
+    unknown = sorted(set(args.methods.split(",")) - set(METHODS))
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
+    methods = {name: METHODS[name] for name in args.methods.split(",")}
     # tokenizer, models, traces, preprocess, import, train and export each method, evaluate
-    stage_count = 1 + len(MODEL_SIZES) + 3 + 2 * len(METHODS) + 1
+    stage_count = 1 + len(MODEL_SIZES) + 3 + 2 * len(methods) + 1
     paths, stage = Paths(args.out.resolve()), Stages(total=stage_count)
     problems = task_problems()
     if stage("tokenizer: byte-level BPE trained on the task's text", paths.tokenizer.exists()):
@@ -140,24 +158,24 @@ def main() -> None:
     if stage(f"import the student to Megatron at TP={TP}", paths.student_init.exists()):
         run(tool("convert_checkpoint.py", "import-hf", "--hf-dir", paths.model("student"),
                  "--out", paths.student_init, "--tensor-model-parallel-size", TP))  # fmt: skip
-    for method, flags in METHODS.items():
+    for method, flags in methods.items():
         done = report.latest_iteration(paths.checkpoints(method)) == args.train_iters
         if stage(f"train the {method.upper()} student, {args.train_iters} steps, TP={TP}", done):
             run(train_command(paths, method, args.train_iters) + flags)
-    for method in METHODS:
+    for method in methods:
         if stage(f"export the {method.upper()} student to HF", is_hf_dir(paths.model(method))):
             run(tool("convert_checkpoint.py", "export-hf", "--ckpt", paths.checkpoints(method),
                      "--hf-template", paths.model("student"), "--out", paths.model(method)))  # fmt: skip
-    stage("evaluate the four models on the held-out problems")
-    models = evaluate(paths)
-    print("\n" + report.side_by_side(paths.out, models, METHODS, plot=paths.out / "curves.png"))
+    stage(f"evaluate the {2 + len(methods)} models on the held-out problems")
+    models = evaluate(paths, methods)
+    print("\n" + report.side_by_side(paths.out, models, methods, plot=paths.out / "curves.png"))
     print(f"\nquickstart finished in {stage.minutes():.1f} min; everything is in {paths.out}")
 
 
-def evaluate(paths: Paths) -> dict[str, Path]:
+def evaluate(paths: Paths, methods) -> dict[str, Path]:
     """tools/eval_math.py on the held-out problems (greedy); returns {table name: model dir}."""
     models = {"teacher": paths.model("teacher"), "student (before)": paths.model("student")}
-    models |= {method.upper(): paths.model(method) for method in METHODS}
+    models |= {method.upper(): paths.model(method) for method in methods}
     for model_dir in models.values():
         run(tool("eval_math.py", "--model", model_dir, "--benchmark", "custom",
                  "--data", paths.data / "heldout.jsonl", "--prompt-template", "{problem}",

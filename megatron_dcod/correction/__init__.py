@@ -1,1 +1,1 @@
-"""Corrective weights and the losses they multiply (METHOD.md)."""
+"""Corrective weights and the losses they multiply (docs/method.md)."""

@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 from megatron.core.datasets.blended_megatron_dataset_config import BlendedMegatronDatasetConfig
 from megatron.core.datasets.megatron_dataset import MegatronDataset
-from megatron.core.datasets.utils import Split
 
 from megatron_dcod.config import TraceDataConfig
 from megatron_dcod.data.trace_format import ARRAY_SPECS, TraceDataset

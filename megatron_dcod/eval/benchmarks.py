@@ -7,7 +7,7 @@ cache when offline). Every benchmark
 names the fields that hold the problem (the first present one is used) and how the gold answer
 is obtained; `custom` reads `problem` / `answer` records.
 
-Sampling defaults follow the protocol of METHOD.md §4: greedy pass@1 on the large sets, the
+Sampling defaults follow the protocol of docs/method.md §8: greedy pass@1 on the large sets, the
 mean over k samples at T = 0.6, top-p 0.95 on AIME and AMC.
 """
 

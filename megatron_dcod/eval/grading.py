@@ -1,6 +1,6 @@
 """Answer extraction and grading with math-verify (the version pinned in setup.py).
 
-Protocol (METHOD.md §4): the answer of a response is its last \\boxed{} (\\fbox{} too); a
+Protocol (docs/method.md §8): the answer of a response is its last \\boxed{} (\\fbox{} too); a
 response without one is read by its last `#### answer` line (the GSM8K style), else by an
 explicit answer phrase ("the final answer is ...", "answer: ..."), else it has no answer and is
 wrong. Gold and extracted answers are both parsed by math-verify as the content of a \\boxed{},
@@ -25,7 +25,7 @@ _HASH_ANSWER = re.compile(r"####\s*(.+?)\s*$", re.MULTILINE)
 
 
 def grader_version() -> str:
-    """Reported with every number (METHOD.md §4)."""
+    """Reported with every number (docs/method.md §8)."""
     return f"math-verify {version('math-verify')}"
 
 

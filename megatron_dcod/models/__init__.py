@@ -1,1 +1,1 @@
-"""The GPT student: Megatron-Core specs built from an HF config (DESIGN.md §5)."""
+"""The GPT student: Megatron-Core specs built from an HF config (docs/design.md §5)."""

@@ -2,8 +2,8 @@
 
 Used by tools/preprocess_traces.py `--score-with` (teacher log-probs, optional top-k) and
 `--ref-model` (initial-student log-probs for iw-SFT). Output follows the alignment rule of
-DESIGN.md §4: element i is log p(token_i | tokens_<i), predicted by the logits at position i-1;
-element 0 and unsupervised positions are 0.
+docs/data_format.md: element i is log p(token_i | tokens_<i), predicted by the logits at
+position i-1; element 0 and unsupervised positions are 0.
 
 Traces are sorted by length and packed into right-padded batches of at most `batch_tokens`
 padded tokens. The model may run in bf16; the log-softmax is always fp32, done in sequence

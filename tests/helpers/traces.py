@@ -1,4 +1,4 @@
-"""Tiny trace datasets written straight in the format of DESIGN.md §4, and HF configs for them."""
+"""Tiny trace datasets written straight in the on-disk format, and HF configs for them."""
 
 from __future__ import annotations
 

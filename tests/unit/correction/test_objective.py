@@ -150,8 +150,6 @@ def test_dcod_weights_bounds_and_clipping_edges():
 def test_weight_statistics_against_numpy():
     """w mean, w std, w ess, w<0.1 frac and delta mean of the summed stats, recomputed with
     numpy from the reference weights and Δ of the supervised tokens."""
-    import numpy as np
-
     logits, batch = make_batch(seed=5)
     batch["teacher_logprobs"][1, 4] = 3.0  # one strongly down-weighted token: w < 0.1 counts
     config = CorrectionConfig(weighting="dcod", temperature=0.7)

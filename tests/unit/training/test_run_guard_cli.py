@@ -102,26 +102,40 @@ def wait_until_no_workers(save_dir: Path, timeout_s: float) -> dict[int, int]:
     return workers(save_dir)
 
 
-def test_a_second_run_on_the_same_save_is_refused_before_step_1(tmp_path):
-    flags = [*run_flags(tmp_path), "--save-interval=100000"]
+HOLD_LOCK = (
+    "import sys, time; from megatron_dcod.training.run_guard import lock_save_dir; "
+    "lock = lock_save_dir(sys.argv[1]); print('locked', flush=True); time.sleep(600)"
+)
+
+
+def test_a_locked_save_is_refused_before_step_1_and_a_dead_holder_blocks_nothing(tmp_path):
+    """Another process (as rank 0 of a run would) holds the lock: the run is refused before
+    its first step, naming the holder; once the holder is killed with SIGKILL (a crash), its
+    lock file is left behind and the same command trains."""
+    flags = [*run_flags(tmp_path), "--save-interval=100000", "--exit-interval=1"]
     save_dir = tmp_path / "ckpt"
-    first, second = start_run(flags, tmp_path / "first.log"), None
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(save_dir)], cwd=REPO, stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    run = None
     try:
-        wait_for_log(tmp_path / "first.log", FIRST_STEPS, first)
-        (holder,) = [pid for pid, ppid in workers(save_dir).items() if ppid == first.pid]
-        config_written = (save_dir / "dcod_config.json").stat().st_mtime_ns
-        os.killpg(holder, signal.SIGSTOP)  # paused, it holds the lock but not a core
-        second = start_run(flags, tmp_path / "second.log")  # the same command, a new port
-        output = wait_for_end(tmp_path / "second.log", second, trains=False)
-        os.killpg(holder, signal.SIGCONT)
-        assert second.returncode != 0 and "another run is writing checkpoints" in output, output
-        assert f"host {socket.gethostname()}, pid {holder}," in output
-        assert first.poll() is None and holder in workers(save_dir)
-        assert (save_dir / "dcod_config.json").stat().st_mtime_ns == config_written
+        assert holder.stdout.readline().strip() == "locked"
+        run = start_run(flags, tmp_path / "refused.log")
+        output = wait_for_end(tmp_path / "refused.log", run, trains=False)
+        assert run.returncode != 0 and "another run is writing checkpoints" in output, output
+        assert f"host {socket.gethostname()}, pid {holder.pid}," in output
+        assert not (save_dir / "dcod_config.json").exists()  # nothing written into --save
+        holder.kill()
+        holder.wait(timeout=30)
+        assert f'"pid": {holder.pid},' in (save_dir / LOCK_FILE_NAME).read_text()  # stale file
+        run = start_run(flags, tmp_path / "trains.log")
+        output = wait_for_end(tmp_path / "trains.log", run, trains=True)
+        assert run.returncode == 0 and sorted(logged_losses(output)) == [1], output
     finally:
-        stop(first, save_dir)
-        if second is not None:
-            stop(second, save_dir)
+        holder.kill()
+        if run is not None:
+            stop(run, save_dir)
 
 
 def test_killing_the_launcher_ends_its_workers(tmp_path):
@@ -138,23 +152,3 @@ def test_killing_the_launcher_ends_its_workers(tmp_path):
         assert int((save_dir / TRACKER).read_text()) >= 1  # SIGTERM first: Megatron saved
     finally:
         stop(launcher, save_dir)
-
-
-def test_a_crashed_node_resumes_from_the_tracker(tmp_path):
-    """Launcher and workers killed together leave a lock file that blocks nothing."""
-    flags = [*run_flags(tmp_path), "--save-interval=2"]
-    save_dir = tmp_path / "ckpt"
-    launcher = start_run(flags, tmp_path / "run.log")
-    try:
-        wait_for_log(tmp_path / "run.log", re.compile(r"successfully saved checkpoint"), launcher)
-        (rank_0,) = [pid for pid, ppid in workers(save_dir).items() if ppid == launcher.pid]
-    finally:
-        stop(launcher, save_dir)  # SIGKILL all at once
-    assert f'"pid": {rank_0},' in (save_dir / LOCK_FILE_NAME).read_text()  # a stale lock file
-    saved = int((save_dir / TRACKER).read_text())
-    rerun = start_run([*flags, f"--exit-interval={saved + 1}"], tmp_path / "rerun.log")
-    try:  # the same command, stopped one step after the resume
-        output = wait_for_end(tmp_path / "rerun.log", rerun, trains=True)
-        assert rerun.returncode == 0 and sorted(logged_losses(output)) == [saved + 1], output
-    finally:
-        stop(rerun, save_dir)
