@@ -1,12 +1,13 @@
 """One training step of `python -m megatron_dcod.train` against a float64 reference.
 
 An HF Llama is imported as the initial checkpoint; the trainer takes one plain-SGD step on a
-global batch that holds every trace of a tiny dataset exactly once (one trace per row), and the
-step is exported back to HF. The reference is plain HF transformers in float64 with the DCOD
+global batch that holds every trace of a tiny dataset exactly once (one trace per row), split
+over 2 data-parallel ranks × 2 accumulated micro-batches, and the step is exported back to HF. The reference is plain HF transformers in float64 with the DCOD
 weights written out per token: L = Σ m w ℓ / Σ m w (`--dcod-normalization weights`), and SGD
 moves every weight by −lr · ∂L/∂θ. The trainer's update must equal it, and must not equal the
 update of the `tokens` normalization (L = Σ m w ℓ / Σ m) — the two differ by a constant factor
-per step, which is exactly what a wrong denominator looks like.
+per step, which is exactly what a wrong denominator looks like. The normalizer Σ m w is the
+step's, summed over micro-batches and ranks: a per-rank or per-micro-batch sum would not match.
 """
 
 import math
@@ -17,20 +18,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from megatron_dcod.config import ExportConfig, ImportConfig
+from megatron_dcod.config import ExportConfig
 from megatron_dcod.data.trace_format import TraceDataset
 from tests.helpers.distributed import run_distributed_test
-from tests.helpers.models import save_tiny_llama
+from tests.helpers.models import import_to_megatron, save_tiny_llama
 from tests.helpers.training import tiny_run_flags, train
 from tests.helpers.traces import write_synthetic_traces
 
 TRACES, LR, SCALE, OFFSET, TEMPERATURE = 8, 1.0, 2.0, -1.0, 2.0
-
-
-def import_checkpoint(hf_dir: str, out: str) -> None:
-    from megatron_dcod.checkpoint.import_hf import import_hf
-
-    import_hf(ImportConfig(Path(hf_dir), Path(out), dtype="fp32", make_vocab_size_divisible_by=32))
 
 
 def export_checkpoint(checkpoint: str, template: str, out: str) -> None:
@@ -64,14 +59,15 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("reference")
     hf_dir = save_tiny_llama(root / "hf", vocab_size=64)
     prefix = write_synthetic_traces(root / "traces", count=TRACES, vocab=64, lengths=(6, 24))
-    run_distributed_test(import_checkpoint, 1, hf_dir=str(hf_dir), out=str(root / "init"))
+    run_distributed_test(import_to_megatron, 1, hf_dir=str(hf_dir), out=str(root / "init"))
     train(
         *tiny_run_flags(hf_dir, prefix, iters=1),
         "--optimizer=sgd", "--sgd-momentum=0", f"--lr={LR}",
         "--dcod-weighting=dcod", "--dcod-normalization=weights", "--dcod-no-pack",
         f"--dcod-scale={SCALE}", f"--dcod-offset={OFFSET}", f"--dcod-temperature={TEMPERATURE}",
-        f"--micro-batch-size={TRACES // 2}", f"--global-batch-size={TRACES}",
+        f"--micro-batch-size={TRACES // 4}", f"--global-batch-size={TRACES}",
         f"--load={root / 'init'}", "--finetune", f"--save={root / 'run'}", "--save-interval=1",
+        nproc=2,
     )  # fmt: skip
     run_distributed_test(
         export_checkpoint, 1, checkpoint=str(root / "run"), template=str(hf_dir),

@@ -24,17 +24,24 @@ CONFIGS = {
 }
 
 
+CONFIGS_IN_CI = "dp2-distributed-optimizer"
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     return write_synthetic_traces(root / "data" / "traces", count=96), save_hf_config(root / "hf")
 
 
-# pp2 is `heavy` (make test-heavy) to keep `make test` in the CI budget; PP=2 training itself
-# stays in the default suite (test_train_equivalence.py::test_pp2_equals_pp1).
+# tp2 and pp2 are `heavy` (make test-heavy) to keep `make test` in the CI budget; TP=2 and PP=2
+# training stay in the default suite (test_train_equivalence.py), resume at DP=2 with the
+# distributed optimizer (sharded optimizer state) too.
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(name, marks=[pytest.mark.heavy] if name == "pp2" else []) for name in CONFIGS],
+    [
+        pytest.param(name, marks=[pytest.mark.heavy] if name != CONFIGS_IN_CI else [])
+        for name in CONFIGS
+    ],
 )
 def test_resume_is_bit_exact(inputs, tmp_path, name):
     data, hf_config = inputs

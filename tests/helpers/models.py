@@ -77,3 +77,12 @@ def save_smollm2(directory: Path) -> Path | None:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return Path(directory)
+
+
+def import_to_megatron(hf_dir: str, out: str) -> None:
+    """`convert_checkpoint.py import-hf` of an fp32 tiny model (vocabulary multiple 32, so a
+    64-id vocabulary is not padded); run it with `run_distributed_test(fn, 1, ...)`."""
+    from megatron_dcod.checkpoint.import_hf import import_hf
+    from megatron_dcod.config import ImportConfig
+
+    import_hf(ImportConfig(Path(hf_dir), Path(out), dtype="fp32", make_vocab_size_divisible_by=32))

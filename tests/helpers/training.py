@@ -73,11 +73,13 @@ def logged_weight_metrics(output: str) -> dict[int, dict[str, float]]:
     return metrics
 
 
-def checkpoint_tensors(save_dir: Path, iteration: int, optimizer: bool = False) -> dict:
-    """Global (unsharded) tensors of a torch_dist checkpoint: model weights, optionally Adam's."""
+def checkpoint_tensors(save_dir: Path, iteration: int | None, optimizer: bool = False) -> dict:
+    """Global (unsharded) tensors of a torch_dist checkpoint: model weights, optionally Adam's.
+    `iteration` None: the `release` checkpoint that `convert_checkpoint.py import-hf` writes."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    directory = Path(save_dir, f"iter_{iteration:07d}")
+    name = "release" if iteration is None else f"iter_{iteration:07d}"
+    directory = Path(save_dir, name)
     flat_file = directory.with_suffix(".pt")
     if not flat_file.exists():
         dcp_to_torch_save(directory, flat_file)

@@ -48,13 +48,23 @@ def test_escape_help_doubles_only_bare_percent_signs():
     assert "10% of it, 90% kept, default 3" in " ".join(parser.format_help().split())
 
 
-@pytest.mark.parametrize("with_config", [False, True], ids=["bare", "with-hf-config"])
-def test_train_help_exits_0_with_the_dcod_flags(tmp_path, with_config):
-    flags = ["--help"] + ([f"--hf-config={save_hf_config(tmp_path / 'hf')}"] if with_config else [])
+def test_train_help_exits_0_with_the_dcod_flags():
+    """`python -m megatron_dcod.train --help`, without --hf-config (megatron-core 0.19.2 has a
+    help text with a bare "%", which argparse cannot format)."""
     result = subprocess.run(
-        [sys.executable, "-m", "megatron_dcod.train", *flags],
+        [sys.executable, "-m", "megatron_dcod.train", "--help"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "megatron-dcod correction" in result.stdout and "--dcod-weighting" in result.stdout
     assert "--tensor-model-parallel-size" in result.stdout  # Megatron's own flags too
+
+
+def test_help_with_an_hf_config(tmp_path, capsys):
+    """With --hf-config the architecture flags come first; --help still prints and exits 0."""
+    hf_config = save_hf_config(tmp_path / "hf")
+    with patches.applied(patches.LIBRARY), pytest.raises(SystemExit) as exit_info:
+        argv.parse([f"--hf-config={hf_config}", "--help"], cpu=True)
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "megatron-dcod correction" in printed and "--dcod-topk-mode" in printed
