@@ -47,7 +47,7 @@ class ScoringConfig:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """tools/preprocess_traces.py: teacher traces in, one trace dataset out (docs/data_format.md)."""
+    """tools/preprocess_traces.py: teacher traces in, one trace dataset (data_format.md) out."""
 
     inputs: tuple[str, ...]
     """JSONL / JSON / Parquet files or HF dataset dirs, read in the order given."""

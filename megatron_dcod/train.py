@@ -5,7 +5,7 @@ all it has, `--hf-config DIR` for the architecture and `--dcod-*` for the correc
 only wires the pieces: the patches this machine needs (`megatron/patches.py`), one parse of the
 command line (`megatron/argv.py`), the checks before step 1 (`training/preflight.py`), the run
 guard on `--save` (`training/run_guard.py`) and the providers (`training/providers.py`). The
-parsed arguments are turned into the project's configs once, here, and passed explicitly.
+parsed arguments become the project's configs once (`preflight.prepare`), passed explicitly.
 """
 
 from __future__ import annotations

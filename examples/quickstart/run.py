@@ -165,7 +165,8 @@ def main() -> None:
     for method in methods:
         if stage(f"export the {method.upper()} student to HF", is_hf_dir(paths.model(method))):
             run(tool("convert_checkpoint.py", "export-hf", "--ckpt", paths.checkpoints(method),
-                     "--hf-template", paths.model("student"), "--out", paths.model(method)))  # fmt: skip
+                     "--hf-template", paths.model("student"),
+                     "--out", paths.model(method)))  # fmt: skip
     stage(f"evaluate the {2 + len(methods)} models on the held-out problems")
     models = evaluate(paths, methods)
     print("\n" + report.side_by_side(paths.out, models, methods, plot=paths.out / "curves.png"))

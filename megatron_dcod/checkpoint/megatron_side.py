@@ -58,8 +58,8 @@ def megatron_args(hf_dir: Path, flags: list[str], tensor_parallel: int, pipeline
 
 @contextlib.contextmanager
 def conversion_session() -> Iterator[None]:
-    """The library patches (CPU mode, Python 3.11) for the length of a conversion, undone after:
-    conversions run on the CPU whatever the machine, and leave nothing process-wide behind."""
+    """The library patches (Python 3.11; the CPU mode where CUDA is absent) for the length of a
+    conversion, undone after it: a conversion leaves nothing process-wide behind."""
     from megatron_dcod.megatron import patches
 
     with patches.applied(patches.LIBRARY):

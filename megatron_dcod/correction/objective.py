@@ -5,9 +5,10 @@ names (supervised tokens, or their weights) and is summed over every micro-batch
 data-parallel rank of the step before dividing (Megatron's per-token-loss mode), so the loss
 does not depend on how the global batch is split.
 
-A micro-batch with a non-finite weight or token loss on any supervised token is dropped on the
-device: every term is masked to 0 (`torch.where`, so no NaN reaches the backward through the
-masked terms either), its tokens leave the normalizer, and the graph stays connected, so every
+A micro-batch with a non-finite weight, token loss or cached log-prob on any supervised token is
+dropped on the device: every term is masked to 0 (`torch.where`, and the cached log-probs are
+made finite before the losses use them, so no NaN reaches the backward through the masked
+terms either), its tokens leave the normalizer, and the graph stays connected, so every
 parameter still receives its (zero) gradient, the gradient hooks of overlapped reduction fire
 and pipeline stages exchange their gradients as usual. No host synchronization is involved;
 the dropped micro-batches and tokens are counted in the stats.
@@ -37,6 +38,8 @@ STAT_NAMES = (
 )
 """Entries of `CorrectedLoss.stats`: sums over the kept supervised tokens of the micro-batch,
 then the count of dropped micro-batches (0 or 1) and of their supervised tokens."""
+CACHED_LOGPROBS = ("teacher_logprobs", "ref_logprobs", "teacher_topk_logprobs")
+"""Per-token arrays of the batch that come from the dataset (the teacher's and π_0's)."""
 
 
 @dataclass
@@ -100,6 +103,7 @@ def corrected_loss(
 ) -> CorrectedLoss:
     """Σ m w ℓ of one micro-batch, its normalizer and weight statistics (see module doc)."""
     loss_mask = token_losses.at_least_fp32(batch["loss_mask"])  # [b, s]
+    batch, cached_finite = _with_finite_cached_logprobs(batch)
     logp_student, token_loss = student_logprobs_and_token_loss(config, output, batch)
     log_ratio = None  # [b, s] Δ_t = log π_θ − log π_T, formed once for the weight and the stats
     if "teacher_logprobs" in batch:
@@ -107,7 +111,7 @@ def corrected_loss(
     token_weight = token_weights(config, logp_student, log_ratio, batch)  # [b, s]
 
     supervised = loss_mask > 0  # [b, s]
-    finite = torch.isfinite(token_weight) & torch.isfinite(token_loss)
+    finite = torch.isfinite(token_weight) & torch.isfinite(token_loss) & cached_finite
     kept_batch = (finite | ~supervised).all()  # [] bool: False drops the whole micro-batch
     kept = supervised & kept_batch  # [b, s]
     weight = torch.where(kept, token_weight, 0.0)
@@ -124,6 +128,22 @@ def corrected_loss(
         base_loss_sum=kept_loss.detach().sum(),
         stats=weight_stats(weight, log_ratio, kept_mask, loss_mask, kept_batch),
     )
+
+
+def _with_finite_cached_logprobs(
+    batch: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(the batch with every non-finite cached log-prob replaced by 0, [b, s] True where all of
+    a token's cached log-probs are finite). The losses then compute on finite inputs only: a
+    NaN or −inf reaching them would turn the zero gradient of a dropped term into NaN (0 · ∞)."""
+    finite_tokens = torch.ones_like(batch["loss_mask"], dtype=torch.bool)  # [b, s]
+    clean = dict(batch)
+    for name in CACHED_LOGPROBS:
+        if name in batch:
+            finite = torch.isfinite(batch[name])  # [b, s] or [b, s, k]
+            clean[name] = torch.where(finite, batch[name], 0)
+            finite_tokens &= finite.all(-1) if finite.dim() == 3 else finite
+    return clean, finite_tokens
 
 
 def weight_stats(

@@ -6,9 +6,10 @@ vocabulary split across tensor-parallel ranks, token-level KD from the teacher's
 and ToDi. Logits are `[b, s, v/tp]`; every function returns per-token values `[b, s]`.
 
 Sharded log-softmax: each TP rank holds the logits of vocabulary ids [start, start + v/tp). The
-max and Σexp are all-reduced across ranks; the all-reduce's backward is the identity because
-the loss is replicated on every TP rank (each rank's dL/dΣexp is the same number), the same
-argument Megatron's vocab-parallel cross-entropy relies on.
+shards' normalizers and picked logits are all-reduced across ranks; the all-reduce's backward
+is the identity because the loss is replicated on every TP rank (each rank's gradient of the
+reduced value is the same number), the argument Megatron's vocab-parallel cross-entropy
+relies on.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ def _tp_all_reduce(tensor: torch.Tensor, op=torch.distributed.ReduceOp.SUM) -> t
 
     if _tensor_parallel_size_and_rank()[0] == 1:
         return tensor
-    if op == torch.distributed.ReduceOp.SUM:
-        return reduce_from_tensor_model_parallel_region(tensor)
+    if op == torch.distributed.ReduceOp.SUM:  # reduces in place: never a tensor autograd saved
+        return reduce_from_tensor_model_parallel_region(tensor.clone())
     reduced = tensor.detach().clone()  # a max needs no gradient: it only stabilizes exp()
     torch.distributed.all_reduce(
         reduced, op=op, group=parallel_state.get_tensor_model_parallel_group()
@@ -54,18 +55,21 @@ def _tp_all_reduce(tensor: torch.Tensor, op=torch.distributed.ReduceOp.SUM) -> t
 def vocab_parallel_logprobs_at(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[ids] over the full (TP-sharded) vocabulary, in fp32, with gradient.
 
-    logits [b, s, v/tp]; ids [b, s, k] global vocabulary ids → [b, s, k].
+    logits [b, s, v/tp]; ids [b, s, k] global vocabulary ids → [b, s, k]. Each rank takes the
+    log Σexp of its shard (torch.logsumexp keeps no exp tensor for the backward: one fp32 copy
+    of the shard is all that lives on) and the shards' values are combined stably.
     """
-    logits = at_least_fp32(logits)
-    max_logit = _tp_all_reduce(
-        logits.detach().amax(-1, keepdim=True), torch.distributed.ReduceOp.MAX
-    )
-    shifted = logits - max_logit  # [b, s, v/tp]
-    log_normalizer = _tp_all_reduce(shifted.exp().sum(-1, keepdim=True)).log()  # [b, s, 1]
-    start = _tensor_parallel_size_and_rank()[1] * logits.shape[-1]  # first id of the shard
-    local_ids = ids - start  # [b, s, k]
+    logits = at_least_fp32(logits)  # [b, s, v/tp]
+    shard_normalizer = torch.logsumexp(logits, -1, keepdim=True)  # [b, s, 1] over this shard
+    tensor_parallel, rank = _tensor_parallel_size_and_rank()
+    if tensor_parallel == 1:
+        log_normalizer = shard_normalizer
+    else:  # log Σ_r exp(n_r) = m + log Σ_r exp(n_r − m), m = max_r n_r
+        largest = _tp_all_reduce(shard_normalizer.detach(), torch.distributed.ReduceOp.MAX)
+        log_normalizer = largest + _tp_all_reduce((shard_normalizer - largest).exp()).log()
+    local_ids = ids - rank * logits.shape[-1]  # [b, s, k] ids within this shard
     on_this_rank = (local_ids >= 0) & (local_ids < logits.shape[-1])
-    picked = shifted.gather(-1, local_ids.clamp(0, logits.shape[-1] - 1)) * on_this_rank
+    picked = logits.gather(-1, local_ids.clamp(0, logits.shape[-1] - 1)) * on_this_rank
     return _tp_all_reduce(picked) - log_normalizer  # [b, s, k]
 
 

@@ -1,4 +1,4 @@
-"""tools/preprocess_traces.py: teacher-trace records in, one trace dataset (docs/data_format.md) out.
+"""tools/preprocess_traces.py: teacher-trace records in, one trace dataset out.
 
     read, parse, render (main) ─► tokenize (N workers) ─► align, check (main)
         ─► [score with HF models] ─► shard datasets ─► merged dataset, renamed into place

@@ -9,8 +9,8 @@ Top-k arrays hold k values per token, flattened: their sequence i has k × len(t
 The indexed-dataset format has no float16 code, so float16 arrays are stored with the uint16
 code and read back as float16 by reinterpreting the bits (no conversion, no loss).
 
-megatron-core is imported where datasets are opened, not at module import: the tokenizer
-workers use Trace and validate_trace and should start without loading megatron-core.
+megatron-core is imported where datasets are opened, not at module import: tokenizer workers
+use Trace and validate_trace without loading it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import os
 import shutil
 import uuid
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -80,8 +80,6 @@ class Trace:
     teacher_topk_logprobs: np.ndarray | None = None  # [T, k] float16
     ref_logprobs: np.ndarray | None = None  # [T] float32, log π_0(token_i | tokens_<i)
     source: np.ndarray | None = None  # [T] uint8: 0 prompt, 1 student, 2 teacher
-    dataset: Any = field(default=None, repr=False, compare=False)
-    """The TraceDataset whose memory map the arrays view: kept alive as long as the trace."""
 
     def present_arrays(self) -> tuple[str, ...]:
         """Names of the arrays this trace carries, in ARRAY_SPECS order."""
@@ -212,7 +210,10 @@ class TraceDatasetWriter:
             if ARRAY_SPECS[name].per_token == "topk" and shape[1:] != (self.topk,):
                 raise TraceFormatError(f"{name} has shape {shape}, expected k={self.topk}")
         for name, builder in self._builders.items():
-            values = np.ascontiguousarray(getattr(trace, name), dtype=ARRAY_SPECS[name].dtype)
+            values = getattr(trace, name)
+            if ARRAY_SPECS[name].dtype is np.float16:  # below its range is −inf: clamp (p = 0)
+                values = np.maximum(values, np.finfo(np.float16).min)
+            values = np.ascontiguousarray(values, dtype=ARRAY_SPECS[name].dtype)
             stored = values.reshape(-1).view(ARRAY_SPECS[name].storage_dtype)
             builder.add_item(torch.from_numpy(stored))
             builder.end_document()
@@ -311,10 +312,9 @@ def check_tokenizer(meta: dict[str, Any], expected: TokenizerFingerprint, where:
 class TraceDataset:
     """Read-only view of a trace dataset; `dataset[i]` returns a Trace of numpy views (no copy).
 
-    Opening checks the format version, the tokenizer (when `tokenizer` is given), the alignment
-    of every array with the tokens and the size of every `.bin` against its index (a truncated
-    copy is refused here, naming the file, not mid-run).
-    """
+    Opening checks the format version, the tokenizer (if given) and every array's index and
+    `.bin` size: a truncated copy is refused here, naming the file, not mid-run. The views are
+    of memory maps that numpy keeps alive with them: they outlive the dataset object."""
 
     def __init__(self, prefix: str | os.PathLike, tokenizer: TokenizerFingerprint | None = None):
         self.prefix = str(prefix)
@@ -322,14 +322,27 @@ class TraceDataset:
         if tokenizer is not None:
             check_tokenizer(self.meta, tokenizer, self.prefix)
         self.topk = int(self.meta["topk"])
-        self._arrays = {name: _open_array(self.prefix, name) for name in self.meta["arrays"]}
-        # [n] int32, a copy: megatron-core closes the index's memory map when the dataset goes,
-        # which would leave a view dangling (`TraceDataset(p).lengths` would read freed memory)
-        self.lengths = np.array(self._arrays["tokens"].sequence_lengths)
-        for name, array in self._arrays.items():
-            width = self.topk if ARRAY_SPECS[name].per_token == "topk" else 1
-            if not np.array_equal(array.sequence_lengths, self.lengths * width):
-                raise TraceFormatError(f"{self.prefix}: {name} is not aligned with tokens")
+        self.lengths = _index_lengths(self.prefix, "tokens")  # [n] int32 tokens per trace
+        self._starts = np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)])  # [n+1]
+        self._values = {name: self._open(name) for name in self.meta["arrays"]}
+
+    def _open(self, name: str) -> np.ndarray:
+        """The flat values of one array (storage dtype) after checking its index and size."""
+        spec, path = ARRAY_SPECS[name], array_path_prefix(self.prefix, name)
+        width = self.topk if spec.per_token == "topk" else 1
+        lengths, pointers = _index_lengths(self.prefix, name, pointers=True)
+        if not np.array_equal(lengths, self.lengths * width):
+            raise TraceFormatError(f"{self.prefix}: {name} is not aligned with tokens")
+        item_size = np.dtype(spec.storage_dtype).itemsize
+        if not np.array_equal(pointers, self._starts[:-1] * width * item_size):
+            raise TraceFormatError(f"{path}.idx: traces are not stored one after the other")
+        expected, actual = int(self._starts[-1]) * width * item_size, os.path.getsize(path + ".bin")
+        if actual != expected:
+            message = f"{actual} bytes, its index describes {expected} (a truncated copy?)"
+            raise TraceFormatError(f"{path}.bin: {message}")
+        if expected == 0:  # an empty file cannot be memory-mapped
+            return np.empty(0, spec.storage_dtype)
+        return np.memmap(path + ".bin", dtype=spec.storage_dtype, mode="r")
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -337,15 +350,19 @@ class TraceDataset:
     def __getitem__(self, index: int) -> Trace:
         if not 0 <= index < len(self):
             raise IndexError(f"{self.prefix}: trace {index} out of range [0, {len(self)})")
+        start, end = int(self._starts[index]), int(self._starts[index + 1])
         arrays = {}
-        for name, array in self._arrays.items():
+        for name, flat in self._values.items():
             spec = ARRAY_SPECS[name]
-            values = array[index].view(spec.dtype)
-            arrays[name] = values.reshape(-1, self.topk) if spec.per_token == "topk" else values
-        return Trace(**arrays, dataset=self)
+            if spec.per_token == "topk":
+                values = flat[start * self.topk : end * self.topk].view(spec.dtype)
+                arrays[name] = values.reshape(-1, self.topk)  # [T, k]
+            else:
+                arrays[name] = flat[start:end].view(spec.dtype)  # [T]
+        return Trace(**arrays)
 
     def has(self, name: str) -> bool:
-        return name in self._arrays
+        return name in self._values
 
     def max_id(self, name: str) -> int:
         """The largest id of an id array (`tokens`, `teacher_topk_ids`): from meta.json's stats,
@@ -363,32 +380,20 @@ class TraceDataset:
         loop. Top-k arrays come back as [total tokens, k].
         """
         spec = ARRAY_SPECS[name]
-        path = array_path_prefix(self.prefix, name) + ".bin"
-        values = np.memmap(path, dtype=spec.storage_dtype, mode="r").view(spec.dtype)
+        values = self._values[name].view(spec.dtype)
         return values.reshape(-1, self.topk) if spec.per_token == "topk" else values
 
 
-def _open_array(prefix: str, name: str) -> Any:
-    """megatron-core's IndexedDataset of one array, after checking its files: both exist, the
-    index reads, and the `.bin` holds exactly the bytes the index describes."""
+def _index_lengths(prefix: str, name: str, pointers: bool = False):
+    """Sequence lengths (and byte offsets) of one array's index, copied (megatron-core unmaps
+    the index with its reader); missing or unreadable files are refused."""
     path = array_path_prefix(prefix, name)
     for suffix in (".idx", ".bin"):
         if not Path(path + suffix).is_file():
             raise TraceFormatError(f"{path}{suffix}: missing (the dataset lists array {name!r})")
     try:
-        array = indexed_dataset_module().IndexedDataset(path)
+        index = indexed_dataset_module().IndexedDataset(path).index
     except Exception as error:  # numpy / struct errors of a damaged index
         raise TraceFormatError(f"{path}.idx: unreadable index ({error})") from error
-    index = array.index
-    expected = 0
-    if len(index.sequence_lengths):
-        expected = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * int(
-            index.dtype_size
-        )
-    actual = os.path.getsize(path + ".bin")
-    if actual != expected:
-        raise TraceFormatError(
-            f"{path}.bin: {actual} bytes, its index describes {expected} (a truncated or "
-            "damaged copy?)"
-        )
-    return array
+    lengths = np.array(index.sequence_lengths)
+    return (lengths, np.array(index.sequence_pointers)) if pointers else lengths

@@ -56,21 +56,28 @@ def megatron_argv(argv: list[str], cpu: bool) -> list[str]:
 
 def fused_kernels_available() -> bool:
     """Whether Transformer Engine or Apex (Megatron's sources of fused kernels) is installed."""
-    return find_spec("transformer_engine") is not None or find_spec("apex") is not None
+    from megatron_dcod.models.student import transformer_engine_available
+
+    return transformer_engine_available() or find_spec("apex") is not None
 
 
 @contextlib.contextmanager
 def command_line(argv: list[str], environment: dict[str, str]) -> Iterator[None]:
-    """`sys.argv` = [program, *argv] and `environment` set for the block; both restored."""
-    saved_argv, saved_environment = sys.argv, dict(os.environ)
+    """`sys.argv` = [program, *argv] and the `environment` variables set for the block; after
+    it, sys.argv and those variables (only those) are as they were."""
+    saved_argv = sys.argv
+    saved_variables = {name: os.environ.get(name) for name in environment}
     sys.argv = [saved_argv[0] if saved_argv else "megatron_dcod", *argv]
     os.environ.update(environment)
     try:
         yield
     finally:
         sys.argv = saved_argv
-        os.environ.clear()
-        os.environ.update(saved_environment)
+        for name, value in saved_variables.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def escape_help(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

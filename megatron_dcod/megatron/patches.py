@@ -66,10 +66,6 @@ def replace_attribute(owner: Any, name: str, value: Any) -> Undo:
     return undo
 
 
-def _in_cpu_mode(cpu: bool) -> bool:
-    return cpu
-
-
 def _install_typing_override() -> Undo:
     import typing_extensions
 
@@ -150,7 +146,7 @@ PATCHES: tuple[Patch, ...] = (
         "CPU generator of its own playing the CUDA one, the same code runs on gloo",
         checked_with=f"{MEGATRON_CORE}, torch 2.13.0",
         scope=LIBRARY,
-        needed=_in_cpu_mode,
+        needed=lambda cpu: cpu,
         install=_install_cuda_standins,
     ),
     Patch(
@@ -159,7 +155,7 @@ PATCHES: tuple[Patch, ...] = (
         "is rewritten to the CPU, and CPU tensor types answer as CUDA ones",
         checked_with=f"{MEGATRON_CORE}, torch 2.13.0",
         scope=LIBRARY,
-        needed=_in_cpu_mode,
+        needed=lambda cpu: cpu,
         install=_install_device_mode,
     ),
     Patch(
@@ -168,7 +164,7 @@ PATCHES: tuple[Patch, ...] = (
         "with every CUDA request served on the CPU the answer True is accurate",
         checked_with=MEGATRON_CORE,
         scope=TRAINING,
-        needed=_in_cpu_mode,
+        needed=lambda cpu: cpu,
         install=_report_cuda_available,
     ),
     Patch(
@@ -178,7 +174,7 @@ PATCHES: tuple[Patch, ...] = (
         "TP=2 would start from other weights than TP=1",
         checked_with=MEGATRON_CORE,
         scope=TRAINING,
-        needed=_in_cpu_mode,
+        needed=lambda cpu: cpu,
         install=_skip_jit_warmup,
     ),
     Patch(

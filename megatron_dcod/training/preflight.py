@@ -154,6 +154,7 @@ def dry_run(flags: list[str], world_size: int) -> str:
     are those this machine would run (the unfused ones without Transformer Engine). Returns a
     one-line summary; a bad flag exits non-zero with the parser's message."""
     from megatron_dcod.megatron import argv, patches
+    from megatron_dcod.models.student import transformer_engine_available
 
     with patches.applied(patches.LIBRARY):
         args = argv.parse(flags, cpu=False, world_size=world_size, quiet=True)
@@ -161,7 +162,7 @@ def dry_run(flags: list[str], world_size: int) -> str:
     dp, micro = args.data_parallel_size, args.micro_batch_size
     accumulation = args.global_batch_size // (micro * dp)
     fp8 = f"fp8 {args.fp8}" if args.fp8 else "no fp8"
-    if args.fp8 and not argv.fused_kernels_available():
+    if args.fp8 and not transformer_engine_available():
         fp8 += " (note: needs Transformer Engine, which this machine lacks)"
     return (
         f"flags OK for {world_size} processes: TP {args.tensor_model_parallel_size} × "

@@ -3,8 +3,8 @@
 Every run starts from one initial checkpoint (an HF Llama imported by the converter, loaded
 with --finetune), trains a few steps on the same sequences with plain SGD (no momentum: each
 step moves the weights by −lr · gradient, so a wrong loss scale shows in the weights, which
-Adam's first step, sign(g), would hide) and saves. The weight updates (saved − initial, global tensors of the torch_dist
-checkpoints) and the logged losses must agree within fp32 tolerance.
+Adam's first step, sign(g), would hide) and saves. The weight updates (saved − initial, global
+tensors of the torch_dist checkpoints) and the logged losses must agree within fp32 tolerance.
 """
 
 import pytest

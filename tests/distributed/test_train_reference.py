@@ -2,8 +2,8 @@
 
 An HF Llama is imported as the initial checkpoint; the trainer takes one plain-SGD step on a
 global batch that holds every trace of a tiny dataset exactly once (one trace per row), split
-over 2 data-parallel ranks × 2 accumulated micro-batches, and the step is exported back to HF. The reference is plain HF transformers in float64 with the DCOD
-weights written out per token: L = Σ m w ℓ / Σ m w (`--dcod-normalization weights`), and SGD
+over 2 data-parallel ranks × 2 accumulated micro-batches, and the step is exported back to HF.
+The reference is plain HF transformers in float64 with the DCOD weights written out per token: L = Σ m w ℓ / Σ m w (`--dcod-normalization weights`), and SGD
 moves every weight by −lr · ∂L/∂θ. The trainer's update must equal it, and must not equal the
 update of the `tokens` normalization (L = Σ m w ℓ / Σ m) — the two differ by a constant factor
 per step, which is exactly what a wrong denominator looks like. The normalizer Σ m w is the

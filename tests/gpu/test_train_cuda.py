@@ -31,3 +31,28 @@ def test_bf16_training_resumes_exactly(tmp_path):
     assert expected.keys() == actual.keys()
     for name, tensor in expected.items():
         assert torch.equal(actual[name], tensor), name
+
+
+def test_topk_loss_weight_normalization_and_a_dropped_micro_batch(tmp_path):
+    """The GPU side of the paths the CPU suite covers: packed THD batches whose cu_seqlens are
+    built on the host, int32 / float16 top-k arrays copied to the device, the weights finalize
+    hook under NCCL, and a micro-batch dropped for a NaN teacher log-prob."""
+    import numpy as np
+
+    from megatron_dcod.data.trace_format import TraceDataset, array_path_prefix
+    from tests.helpers.training import logged_weight_metrics
+
+    data = write_synthetic_traces(tmp_path / "traces", count=64)
+    start = int(TraceDataset(data).lengths[:5].astype(np.int64).sum())
+    values = np.memmap(array_path_prefix(data, "teacher_logprobs") + ".bin", np.float32, "r+")
+    values[start + 2] = np.nan  # trace 5, a supervised position, past the format's validation
+    values.flush()
+    output = train(
+        *tiny_run_flags(save_hf_config(tmp_path / "hf"), data, iters=8),
+        "--bf16", "--dcod-weighting=dcod", "--dcod-base-loss=todi",
+        "--dcod-normalization=weights", "--micro-batch-size=2", "--global-batch-size=8",
+    )  # fmt: skip
+    losses = logged_losses(output)
+    assert sorted(losses) == list(range(1, 9)) and all(np.isfinite(list(losses.values())))
+    metrics = logged_weight_metrics(output)
+    assert sum(m["dropped_microbatches"] for m in metrics.values()) >= 1  # once per epoch

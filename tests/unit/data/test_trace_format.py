@@ -230,3 +230,13 @@ def test_inspect_refuses_a_truncated_copy(tmp_path, capsys):
     os.truncate(binary, binary.stat().st_size - 4)
     assert inspect_main([str(tmp_path / "ds")]) == 1
     assert f"error: {binary}: " in capsys.readouterr().err
+
+
+def test_topk_logprobs_below_float16_range_are_stored_finite(tmp_path):
+    """A valid log-prob below −65504 (float16's range) is stored as −65504, not −inf."""
+    trace = random_trace(np.random.default_rng(11), 6)
+    trace.teacher_topk_logprobs = trace.teacher_topk_logprobs.astype(np.float32)
+    trace.teacher_topk_logprobs[3, 0] = -1e6
+    write(tmp_path / "ds", [trace])
+    stored = TraceDataset(tmp_path / "ds")[0].teacher_topk_logprobs
+    assert stored[3, 0] == np.finfo(np.float16).min and np.isfinite(stored).all()

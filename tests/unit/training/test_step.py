@@ -67,19 +67,52 @@ def test_non_finite_micro_batch_is_dropped_connected_and_counted(poison, capsys)
     assert "dropped_microbatches: 1 | dropped_tokens: 5 |" in capsys.readouterr().out
 
 
-def test_the_check_never_synchronizes_with_the_device(monkeypatch):
-    """No `bool(tensor)` / `.item()` in the loss: the drop decision stays a device tensor."""
+def topk_batch(vocab: int = 16, k: int = 3) -> dict:
+    """batch() with the teacher's top-k arrays, as the loader delivers them (int32, float16)."""
+    generator = torch.Generator().manual_seed(1)
+    topk = batch() | {
+        "teacher_topk_ids": torch.randint(0, vocab, (2, 4, k), generator=generator).int(),
+        "teacher_topk_logprobs": -torch.rand(2, 4, k, generator=generator).half() - 0.1,
+    }
+    return topk
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")], ids=["nan", "-inf"])
+@pytest.mark.parametrize("base_loss", ["kl", "todi"])
+def test_a_bad_teacher_topk_value_drops_the_micro_batch_with_a_zero_gradient(base_loss, bad):
+    """0 · ∞ would make the masked terms' gradient NaN: the cached values are made finite
+    before the losses see them, so the logits get an exactly zero, finite gradient."""
+    step = ForwardStep(CorrectionConfig(weighting="dcod", base_loss=base_loss), pack=False)
+    poisoned = topk_batch()
+    poisoned["teacher_topk_logprobs"][0, 2, 1] = bad  # a supervised position
+    logits = torch.randn(2, 4, 16, requires_grad=True)
+    loss, num_tokens, report = step.loss(poisoned, True, logits)
+    assert loss.item() == 0 and num_tokens.item() == 0
+    assert all(torch.isfinite(value).all() for value in report.values())
+    loss.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+NO_SYNC = ("__bool__", "__float__", "__int__", "__index__", "item", "tolist")
+
+
+@pytest.mark.parametrize("base_loss", ["ce", "kl", "todi"])
+def test_the_loss_never_synchronizes_with_the_device(monkeypatch, base_loss):
+    """No `bool(tensor)`, `float(tensor)`, `.item()`, ... in the loss or the metrics' per-micro-
+    batch work: the drop decision and the statistics stay device tensors."""
 
     def refuse(self, *args):
         raise AssertionError("host synchronization in the loss function")
 
-    step = ForwardStep(CorrectionConfig(weighting="dcod", scope="prefix"), pack=False)
-    monkeypatch.setattr(torch.Tensor, "__bool__", refuse)
-    monkeypatch.setattr(torch.Tensor, "item", refuse)
-    monkeypatch.setattr(torch.Tensor, "tolist", refuse)
-    loss, num_tokens, report = step.loss(batch(), True, torch.rand(2, 4))
+    metrics = WeightMetrics(log_interval=1, num_microbatches=lambda: 8, next_iteration=lambda: 1)
+    config = CorrectionConfig(weighting="dcod", scope="prefix", base_loss=base_loss)
+    step = ForwardStep(config, pack=False, metrics=metrics, weight_sum=WeightSumNormalizer())
+    output = torch.rand(2, 4) if base_loss == "ce" else torch.randn(2, 4, 16)
+    for name in NO_SYNC:
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    loss, num_tokens, report = step.loss(topk_batch(), True, output)
     monkeypatch.undo()
-    assert loss.item() > 0 and num_tokens.item() == 5
+    assert loss.item() > 0 and num_tokens.item() == 5 and metrics.microbatches_seen == 1
 
 
 def test_weights_normalization_hands_the_weight_sum_to_megatron():
