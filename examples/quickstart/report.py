@@ -95,12 +95,12 @@ def plot_curves(runs: dict[str, dict], path: Path) -> None:
             if curves.get(tag):
                 steps, values = zip(*curves[tag])
                 axes.plot(steps, values, style, color=color, label=f"{name} {label}")
-    losses.set(xlabel="iteration", ylabel="CE on teacher tokens", yscale="log")
+    losses.set(xlabel="iteration", ylabel="token loss on teacher traces", yscale="log")
     losses.set_title("loss")
     weights.set(xlabel="iteration", ylabel="weight statistic")
     weights.set_title("corrective weights")
     for axes in (losses, weights):
         axes.grid(alpha=0.3)
-        axes.legend()
+        axes.legend(fontsize="small")
     figure.savefig(path, dpi=120)
     plt.close(figure)
