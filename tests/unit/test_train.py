@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from megatron_dcod.data.trace_format import Trace, TraceDatasetWriter
-from megatron_dcod.megatron.argv import CPU_FLAGS, UNFUSED_FLAGS, megatron_argv
 from megatron_dcod.training.preflight import check_fp8
 from tests.helpers.distributed import free_port
 from tests.helpers.training import (
@@ -105,18 +104,6 @@ def test_fp8_without_transformer_engine_is_refused():
     with pytest.raises(SystemExit, match="--fp8-format hybrid needs Transformer Engine"):
         check_fp8(Namespace(fp8="hybrid", transformer_impl="transformer_engine"))
     assert check_fp8(Namespace(fp8=None, transformer_impl="local")) is False
-
-
-def test_megatron_argv_puts_user_flags_last(tmp_path):
-    hf_config = save_hf_config(tmp_path / "hf")
-    argv = megatron_argv([f"--hf-config={hf_config}", "--num-layers=1"], cpu=True)
-    assert argv.index("--num-layers=2") < argv.index("--num-layers=1")  # argparse: last wins
-    assert "--calculate-per-token-loss" in argv and set(CPU_FLAGS) <= set(argv)
-    gpu_argv = set(megatron_argv([f"--hf-config={hf_config}"], cpu=False))
-    assert (
-        "--distributed-backend=gloo" not in gpu_argv and "--use-cpu-initialization" not in gpu_argv
-    )
-    assert set(UNFUSED_FLAGS) <= gpu_argv  # this machine has neither TE nor Apex
 
 
 @pytest.mark.parametrize(
