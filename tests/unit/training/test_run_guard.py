@@ -92,16 +92,16 @@ def kill(*processes) -> None:
             pass
 
 
+def take_lock(save_dir) -> subprocess.CompletedProcess:
+    """Another process trying to take the lock of `save_dir`."""
+    command = [sys.executable, "-c", TAKE_LOCK, str(save_dir)]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
 def test_a_held_lock_refuses_another_process_naming_the_holder(tmp_path):
     lock = lock_save_dir(tmp_path / "ckpt")  # creates the directory
     try:
-        refused = subprocess.run(
-            [sys.executable, "-c", TAKE_LOCK, str(tmp_path / "ckpt")],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        refused = take_lock(tmp_path / "ckpt")
         assert refused.returncode == 1, refused
         assert "another run is writing checkpoints" in refused.stderr
         assert f"host {socket.gethostname()}, pid {os.getpid()}," in refused.stderr
@@ -110,13 +110,7 @@ def test_a_held_lock_refuses_another_process_naming_the_holder(tmp_path):
             lock_save_dir(tmp_path / "ckpt")  # POSIX locks never conflict within a process
     finally:
         lock.release()
-    taken = subprocess.run(
-        [sys.executable, "-c", TAKE_LOCK, str(tmp_path / "ckpt")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    taken = take_lock(tmp_path / "ckpt")
     assert taken.returncode == 0 and "took the lock" in taken.stdout, taken.stderr
 
 
