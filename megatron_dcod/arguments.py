@@ -25,6 +25,7 @@ from megatron_dcod.config import (
     ScoringConfig,
     TraceDataConfig,
 )
+from megatron_dcod.data.sources import SUPERVISED_SOURCES
 
 
 def add_preprocess_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -192,7 +193,23 @@ def add_dcod_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--dcod-iw-sft-max-weight", type=float, default=defaults.iw_sft_max_weight,
         help="iw-SFT clamps its trace weight to [0, this]",
     )  # fmt: skip
+    dcod.add_argument(
+        "--dcod-train-sources", type=source_list, default=defaults.train_sources, metavar="LIST",
+        help="comma list of student, teacher, inserted (default: all): train only the tokens of "
+        "these sources (the datasets' `source` array; others get loss mask 0)",
+    )  # fmt: skip
     return parser
+
+
+def source_list(text: str) -> tuple[str, ...]:
+    """`--dcod-train-sources`: 'teacher,inserted' → ('teacher', 'inserted'), in code order."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(SUPERVISED_SOURCES))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a comma list of {', '.join(SUPERVISED_SOURCES)} (unknown: {unknown})"
+        )
+    return tuple(name for name in SUPERVISED_SOURCES if name in names)
 
 
 def correction_config_from_args(args: argparse.Namespace) -> CorrectionConfig:
@@ -210,6 +227,7 @@ def correction_config_from_args(args: argparse.Namespace) -> CorrectionConfig:
         topk_mode=args.dcod_topk_mode,
         todi_beta=args.dcod_todi_beta,
         iw_sft_max_weight=args.dcod_iw_sft_max_weight,
+        train_sources=tuple(args.dcod_train_sources),
     )
 
 

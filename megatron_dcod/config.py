@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_dcod.data.sources import SUPERVISED_SOURCES
+
 
 @dataclass(frozen=True)
 class RecordFields:
@@ -25,6 +27,9 @@ class RecordFields:
     """The token ids those log-probs belong to; must equal the student tokenization."""
     teacher_topk: str = "teacher_topk"
     """Per supervised token, the teacher's top-k as [{id, logprob}, ...]."""
+    segments: str = "segments"
+    """Who wrote which part of the response: [{source, text}, ...], source one of student,
+    teacher, inserted, the texts concatenating to the (only) assistant turn's content."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,10 @@ class CorrectionConfig:
     """ToDi β in α = σ(β log(p_T/q_θ))."""
     iw_sft_max_weight: float = 16.0
     """iw-SFT clamps its sequence weight to [0, this] (16 in arXiv 2507.12856)."""
+    train_sources: tuple[str, ...] = SUPERVISED_SOURCES
+    """Sources (the trace's `source` array: student, teacher, inserted) whose supervised tokens
+    are trained; the others get loss mask 0, so they also leave the normalizer and every
+    per-trace mean. Anything but all three needs the `source` array in every dataset."""
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -127,6 +136,18 @@ class CorrectionConfig:
                 )
         if self.temperature <= 0:
             raise ValueError(f"dcod temperature must be positive, got {self.temperature}")
+        names = self.train_sources
+        known = set(names) <= set(SUPERVISED_SOURCES)
+        if not names or not known or len(set(names)) < len(names):
+            raise ValueError(
+                f"dcod train sources must be distinct names among {SUPERVISED_SOURCES}, got "
+                f"{self.train_sources!r}"
+            )
+
+    @property
+    def restricts_sources(self) -> bool:
+        """Whether `train_sources` leaves a source out (the loss then reads `source`)."""
+        return set(self.train_sources) != set(SUPERVISED_SOURCES)
 
     def required_arrays(self) -> tuple[str, ...]:
         """Trace-dataset arrays this correction reads, beyond tokens and loss mask."""
@@ -137,6 +158,8 @@ class CorrectionConfig:
             needed.append("ref_logprobs")
         if self.base_loss in ("kl", "todi"):
             needed += ["teacher_topk_ids", "teacher_topk_logprobs"]
+        if self.restricts_sources:
+            needed.append("source")
         return tuple(needed)
 
 

@@ -12,6 +12,11 @@ terms either), its tokens leave the normalizer, and the graph stays connected, s
 parameter still receives its (zero) gradient, the gradient hooks of overlapped reduction fire
 and pipeline stages exchange their gradients as usual. No host synchronization is involved;
 the dropped micro-batches and tokens are counted in the stats.
+
+With the batch's `source` array (who wrote each token: data/sources.py), the stats also hold
+per-source sums of the token loss and the weight, and `CorrectionConfig.train_sources` can
+restrict the loss to some sources: the others' loss mask is set to 0 before anything else, so
+the micro-batch is exactly that of a dataset in which those tokens were not supervised.
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ import torch
 
 from megatron_dcod.config import CorrectionConfig
 from megatron_dcod.correction import token_losses, weights
+from megatron_dcod.data.sources import SOURCE_CODES, SUPERVISED_SOURCES
 
 LOW_WEIGHT = 0.1
 """Diagnostics count the supervised tokens with w below this."""
 
-STAT_NAMES = (
+WEIGHT_STAT_NAMES = (
     "tokens",
     "w_sum",
     "w_sq_sum",
@@ -36,8 +42,16 @@ STAT_NAMES = (
     "dropped_microbatches",
     "dropped_tokens",
 )
-"""Entries of `CorrectedLoss.stats`: sums over the kept supervised tokens of the micro-batch,
-then the count of dropped micro-batches (0 or 1) and of their supervised tokens."""
+"""Sums over the kept supervised tokens of the micro-batch, then the count of dropped
+micro-batches (0 or 1) and of their supervised tokens."""
+SOURCE_STAT_NAMES = tuple(
+    f"{quantity}_{source}"
+    for source in SUPERVISED_SOURCES
+    for quantity in ("tokens", "loss_sum", "w_sum")
+)
+"""Per source, over its kept supervised tokens: their count, Σ ℓ and Σ w (0 without `source`)."""
+STAT_NAMES = WEIGHT_STAT_NAMES + SOURCE_STAT_NAMES
+"""Entries of `CorrectedLoss.stats`."""
 CACHED_LOGPROBS = ("teacher_logprobs", "ref_logprobs", "teacher_topk_logprobs")
 """Per-token arrays of the batch that come from the dataset (the teacher's and π_0's)."""
 
@@ -102,6 +116,7 @@ def corrected_loss(
     config: CorrectionConfig, output: torch.Tensor, batch: dict[str, torch.Tensor]
 ) -> CorrectedLoss:
     """Σ m w ℓ of one micro-batch, its normalizer and weight statistics (see module doc)."""
+    batch = restricted_to_train_sources(config, batch)
     loss_mask = token_losses.at_least_fp32(batch["loss_mask"])  # [b, s]
     batch, cached_finite = _with_finite_cached_logprobs(batch)
     logp_student, token_loss = student_logprobs_and_token_loss(config, output, batch)
@@ -121,13 +136,31 @@ def corrected_loss(
     normalizer = kept_mask.sum() if config.normalization == "tokens" else weight.sum()
     if log_ratio is not None:
         log_ratio = torch.where(kept, log_ratio, 0.0)
+    stats = [weight_stats(weight, log_ratio, kept_mask, loss_mask, kept_batch)]
+    stats.append(source_stats(weight, kept_loss, kept_mask, batch.get("source")))
     return CorrectedLoss(
         loss_sum=loss_sum,
         normalizer=normalizer.detach(),
         supervised_tokens=kept_mask.sum(),
         base_loss_sum=kept_loss.detach().sum(),
-        stats=weight_stats(weight, log_ratio, kept_mask, loss_mask, kept_batch),
+        stats=torch.cat(stats),
     )
+
+
+def restricted_to_train_sources(
+    config: CorrectionConfig, batch: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The batch with loss mask 0 on the tokens whose source is not in `config.train_sources`
+    (comparisons with Python ints: nothing is copied to the device)."""
+    if not config.restricts_sources:
+        return batch
+    if "source" not in batch:
+        raise ValueError("dcod train sources need the batch's `source` array (preflight)")
+    source = batch["source"]  # [b, s] uint8
+    trained = torch.zeros_like(source, dtype=torch.bool)  # [b, s]
+    for name in config.train_sources:
+        trained |= source == SOURCE_CODES[name]
+    return batch | {"loss_mask": batch["loss_mask"] * trained}
 
 
 def _with_finite_cached_logprobs(
@@ -153,7 +186,7 @@ def weight_stats(
     loss_mask: torch.Tensor,
     kept_batch: torch.Tensor,
 ) -> torch.Tensor:
-    """Sums named by STAT_NAMES, fp64 [8]; `weight` and `log_ratio` are 0 off `kept_mask`."""
+    """Sums named by WEIGHT_STAT_NAMES, fp64 [8]; `weight`, `log_ratio` are 0 off `kept_mask`."""
     weight, mask = weight.detach().double(), kept_mask.double()
     zero = torch.zeros((), dtype=torch.float64, device=mask.device)
     dropped = (~kept_batch).double()  # [] 1.0 when the micro-batch was dropped
@@ -171,20 +204,44 @@ def weight_stats(
     )
 
 
-def summarize_stats(stats: torch.Tensor) -> dict[str, float]:
+def source_stats(
+    weight: torch.Tensor,
+    kept_loss: torch.Tensor,
+    kept_mask: torch.Tensor,
+    source: torch.Tensor | None,
+) -> torch.Tensor:
+    """Sums named by SOURCE_STAT_NAMES, fp64 [9]; `weight`, `kept_loss` are 0 off `kept_mask`."""
+    if source is None:
+        return torch.zeros(len(SOURCE_STAT_NAMES), dtype=torch.float64, device=kept_mask.device)
+    of_source = torch.stack(
+        [source == SOURCE_CODES[name] for name in SUPERVISED_SOURCES], dim=-1
+    ).double()  # [b, s, n_sources]
+    quantities = torch.stack(
+        [kept_mask.double(), kept_loss.detach().double(), weight.detach().double()], dim=-1
+    )  # [b, s, 3]
+    sums = of_source.flatten(0, 1).T @ quantities.flatten(0, 1)  # [n_sources, 3]
+    return sums.reshape(-1)
+
+
+def summarize_stats(stats: torch.Tensor, per_source: bool = False) -> dict[str, float]:
     """The diagnostics of docs/method.md from summed stats: mean/std of w, ESS, low-w share,
-    mean Δ, and the dropped micro-batches and tokens."""
-    tokens, w_sum, w_sq_sum, w_low, delta_sum, delta_tokens, dropped, dropped_tokens = (
-        stats.tolist()
-    )
+    mean Δ, with `per_source` the mean token loss and weight of each source (NaN for a source
+    without tokens), and the dropped micro-batches and tokens."""
+    values = stats.tolist()
+    tokens, w_sum, w_sq_sum, w_low, delta_sum, delta_tokens, dropped, dropped_tokens = values[:8]
     n = max(tokens, 1.0)
     mean = w_sum / n
-    return {
+    summary = {
         "w mean": mean,
         "w std": max(w_sq_sum / n - mean * mean, 0.0) ** 0.5,
         "w ess": w_sum * w_sum / (n * w_sq_sum) if w_sq_sum > 0 else 0.0,  # (Σw)² / (n Σw²)
         "w<0.1 frac": w_low / n,
         "delta mean": delta_sum / delta_tokens if delta_tokens > 0 else float("nan"),
-        "dropped_microbatches": int(dropped),
-        "dropped_tokens": int(dropped_tokens),
     }
+    for index, name in enumerate(SUPERVISED_SOURCES if per_source else ()):
+        count, loss_sum, source_w_sum = values[8 + 3 * index : 11 + 3 * index]
+        summary[f"base loss {name}"] = loss_sum / count if count > 0 else float("nan")
+        summary[f"w mean {name}"] = source_w_sum / count if count > 0 else float("nan")
+    summary["dropped_microbatches"] = int(dropped)
+    summary["dropped_tokens"] = int(dropped_tokens)
+    return summary

@@ -4,6 +4,12 @@ Loss mask rule: every assistant turn is supervised, from the first character aft
 template's generation prompt to the end of what the template writes for that turn (the
 end-of-turn token included), less trailing whitespace the model never generates. A token is
 supervised when its first character lies inside such a span; token 0 never is.
+
+Source rule (records with `segments`, see data/sources.py): a supervised token takes the source
+of the segment holding its first character (the start offset the tokenizer reports); one whose
+first character lies outside the response content, i.e. template text of the turn, takes the
+source of the nearest segment: the first before the content, the last after it (the
+end-of-turn token). Unsupervised tokens get 0.
 """
 
 from __future__ import annotations
@@ -26,7 +32,11 @@ PLAIN_CHAT_TEMPLATE = (
 )
 
 Messages = Sequence[dict[str, str]]
-Rendered = tuple[str, list[tuple[int, int]]]  # text, [start, end) spans of the assistant turns
+SegmentMarks = list[tuple[int, int, int]]  # [start, end) characters in the text, source code
+Rendered = tuple[str, list[tuple[int, int]], SegmentMarks | None]
+"""The text, the [start, end) spans of its assistant turns, the marks of the response segments."""
+Tokenized = tuple[np.ndarray, np.ndarray, np.ndarray | None]
+"""tokens [T] int32, loss_mask [T] uint8, source [T] uint8 (None without segments)."""
 
 
 class ChatTemplateError(ValueError):
@@ -73,52 +83,87 @@ class ChatTokenizer:
             add_generation_prompt=add_generation_prompt,
         )
 
-    def render_with_spans(self, messages: Messages) -> Rendered:
-        """The rendered conversation and the [start, end) character spans of assistant turns."""
+    def render_with_spans(
+        self, messages: Messages, segments: Sequence[tuple[int, str]] | None = None
+    ) -> Rendered:
+        """The rendered conversation, the [start, end) character spans of assistant turns and,
+        given the (source, text) `segments` of the last assistant turn's content, their marks."""
         text = self.render(messages)
-        spans = []
-        for turn, message in enumerate(messages):
+        spans, turn, content = [], (0, 0), ""  # turn: [start, end) of the last assistant turn
+        for index, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            before = self.render(messages[:turn], add_generation_prompt=True) if turn else ""
-            through = self.render(messages[: turn + 1])
+            before = self.render(messages[:index], add_generation_prompt=True) if index else ""
+            through = self.render(messages[: index + 1])
             if not (text.startswith(through) and through.startswith(before)):
                 raise ChatTemplateError(
-                    f"the chat template does not render turn {turn} as a prefix of the whole "
+                    f"the chat template does not render turn {index} as a prefix of the whole "
                     "conversation, so its tokens cannot be located"
                 )
             end = len(through.rstrip())
             if end > len(before):
                 spans.append((len(before), end))
-        return text, spans
+            turn, content = (len(before), len(through)), message["content"]
+        marks = None if segments is None else _segment_marks(text, turn, content, segments)
+        return text, spans, marks
 
     def encode(self, conversations: Sequence[Messages]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Tokenize conversations; per conversation (tokens [T] int32, loss_mask [T] uint8)."""
         rendered = [self.render_with_spans(messages) for messages in conversations]
-        return tokenize_rendered(self.tokenizer.backend_tokenizer, rendered)
+        tokenized = tokenize_rendered(self.tokenizer.backend_tokenizer, rendered)
+        return [(tokens, loss_mask) for tokens, loss_mask, _ in tokenized]
 
 
-def tokenize_rendered(
-    backend_tokenizer: Any, rendered: Sequence[Rendered]
-) -> list[tuple[np.ndarray, np.ndarray]]:
+def _segment_marks(
+    text: str, turn: tuple[int, int], content: str, segments: Sequence[tuple[int, str]]
+) -> SegmentMarks:
+    """[start, end) of each non-empty segment in the rendered text, with its source: the content
+    is looked up in its turn (right after the generation prompt for most templates)."""
+    start = turn[0] if text.startswith(content, turn[0]) else text.find(content, *turn)
+    if start < 0:
+        raise ChatTemplateError(
+            "the chat template does not render the response verbatim, so its segments cannot "
+            "be placed"
+        )
+    marks = []
+    for source, piece in segments:
+        if piece:
+            marks.append((start, start + len(piece), source))
+            start += len(piece)
+    return marks
+
+
+def tokenize_rendered(backend_tokenizer: Any, rendered: Sequence[Rendered]) -> list[Tokenized]:
     """Tokenize rendered conversations in one batched call of the Rust tokenizer and mark the
-    tokens whose first character lies in a supervised span (only span ends are looked up).
+    tokens whose first character lies in a supervised span (only span ends are looked up), and
+    their sources where segments are marked (see the module doc).
 
     Needs nothing but a `tokenizers.Tokenizer`, so tokenizer workers start without transformers.
     """
     encodings = backend_tokenizer.encode_batch(
-        [text for text, _ in rendered], add_special_tokens=False  # templates write BOS/EOS
+        [text for text, _, _ in rendered], add_special_tokens=False  # templates write BOS/EOS
     )
     results = []
-    for (_, spans), encoding in zip(rendered, encodings):
+    for (_, spans, marks), encoding in zip(rendered, encodings):
         tokens = np.asarray(encoding.ids, dtype=np.int32)  # [T]
         loss_mask = np.zeros(len(tokens), dtype=np.uint8)  # [T]
         for start, end in spans:
             first, last = _tokens_starting_in(encoding, start, end)
             loss_mask[first : last + 1] = 1
         loss_mask[:1] = 0  # token 0 is never a target
-        results.append((tokens, loss_mask))
+        source = None if marks is None else _token_sources(encoding, loss_mask, marks)
+        results.append((tokens, loss_mask, source))
     return results
+
+
+def _token_sources(encoding: Any, loss_mask: np.ndarray, marks: SegmentMarks) -> np.ndarray:
+    """[T] uint8: the source of the segment holding each supervised token's first character
+    (before the first segment: the first; after the last: the last), 0 off the loss mask."""
+    first_chars = np.fromiter((start for start, _ in encoding.offsets), np.int64)  # [T]
+    starts = np.asarray([start for start, _, _ in marks], dtype=np.int64)  # [S], ascending
+    codes = np.asarray([code for _, _, code in marks], dtype=np.uint8)  # [S]
+    segment = np.searchsorted(starts, first_chars, side="right") - 1  # [T] last one started
+    return np.where(loss_mask > 0, codes[np.maximum(segment, 0)], 0).astype(np.uint8)
 
 
 def _tokens_starting_in(encoding: Any, start: int, end: int) -> tuple[int, int]:

@@ -3,7 +3,8 @@
 Three steps per chunk of records: prepare (parse, render the chat template: cheap, main
 process), tokenize (chat.tokenize_rendered: the costly part, in the tokenizer workers), finish
 (teacher alignment, validation, length limit: main process). Bad records are returned as values;
-the caller decides between failing and skipping.
+the caller decides between failing and skipping. The per-token `source` of a record with
+`segments` comes out of the tokenize step (chat.py's source rule).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from megatron_dcod.config import PreprocessConfig, RecordFields
-from megatron_dcod.data.chat import ChatTemplateError, ChatTokenizer, Rendered, tokenize_rendered
+from megatron_dcod.data.chat import ChatTemplateError, ChatTokenizer, Rendered, Tokenized
+from megatron_dcod.data.chat import tokenize_rendered
 from megatron_dcod.data.records import ParsedRecord, RawRecord, RecordError, RecordLocation
 from megatron_dcod.data.records import iter_raw_records, parse_record
 from megatron_dcod.data.trace_format import Trace, TraceFormatError
@@ -78,9 +80,8 @@ def prepare_records(
     for location, payload in raw_records:
         try:
             record = parse_record(payload, location, options.fields)
-            prepared.append(
-                PreparedRecord(location, record, chat.render_with_spans(record.messages))
-            )
+            rendered = chat.render_with_spans(record.messages, record.segments)
+            prepared.append(PreparedRecord(location, record, rendered))
         except RecordError as error:
             prepared.append(BadRecord(location, str(error), error.malformed_json))
         except ChatTemplateError as error:
@@ -95,7 +96,7 @@ def rendered_of(prepared: Sequence[PreparedRecord | BadRecord]) -> list[Rendered
 
 def finish_records(
     prepared: Sequence[PreparedRecord | BadRecord],
-    tokenized: Sequence[tuple[np.ndarray, np.ndarray]],
+    tokenized: Sequence[Tokenized],
     chat: ChatTokenizer,
     options: EncodeOptions,
 ) -> list[EncodedRecord | BadRecord]:
@@ -123,13 +124,13 @@ def encode_records(
 def _to_trace(
     location: RecordLocation,
     record: ParsedRecord,
-    tokenized: tuple[np.ndarray, np.ndarray],
+    tokenized: Tokenized,
     options: EncodeOptions,
     chat: ChatTokenizer,
 ) -> EncodedRecord | BadRecord:
-    tokens, loss_mask = tokenized
+    tokens, loss_mask, source = tokenized  # source [T] only for records with segments
     try:
-        trace = Trace(tokens=tokens, loss_mask=loss_mask)
+        trace = Trace(tokens=tokens, loss_mask=loss_mask, source=source)
         if options.keep_record_teacher and record.teacher_logprobs is not None:
             _attach_teacher(trace, record, chat)
     except (RecordError, TraceFormatError) as error:
@@ -205,7 +206,7 @@ def _start_worker(tokenizer_json: str) -> None:
     _worker_tokenizer = Tokenizer.from_str(tokenizer_json)
 
 
-def _tokenize_in_worker(rendered: list[Rendered]) -> list[tuple[np.ndarray, np.ndarray]]:
+def _tokenize_in_worker(rendered: list[Rendered]) -> list[Tokenized]:
     return tokenize_rendered(_worker_tokenizer, rendered)
 
 
@@ -299,7 +300,7 @@ def load_scorers(config: PreprocessConfig, tokenizer: ChatTokenizer) -> dict[str
     models = {"teacher": scoring.teacher_model, "ref": scoring.ref_model}
     if not any(models.values()):
         return {}
-    from megatron_dcod.scoring.hf_scorer import CausalLMScorer
+    from megatron_dcod.inference.trace_scorer import CausalLMScorer
 
     return {
         role: CausalLMScorer(

@@ -6,7 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from megatron_dcod.data.trace_format import SOURCE_NAMES, TraceDataset
+from megatron_dcod.data.sources import SOURCE_NAMES, SUPERVISED_SOURCES
+from megatron_dcod.data.trace_format import TraceDataset
 
 PERCENTILES = (1, 10, 50, 90, 99)
 
@@ -75,6 +76,13 @@ def dataset_summary(dataset: TraceDataset) -> dict[str, Any]:
         "supervised_fraction": float(supervised.mean()),
         "length": _distribution(lengths),
     }
+    if dataset.has("source"):  # supervised tokens by who wrote them
+        counts = np.bincount(dataset.flat("source")[supervised], minlength=len(SOURCE_NAMES))
+        summary["supervised_by_source"] = {
+            name: int(counts[code])
+            for code, name in SOURCE_NAMES.items()
+            if name in SUPERVISED_SOURCES
+        }
     for name in ("teacher_logprobs", "ref_logprobs"):
         if dataset.has(name):
             summary[name] = _distribution(dataset.flat(name)[supervised].astype(np.float64))
@@ -93,6 +101,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     for key in ("arrays", "topk", "tokenizer", "records", "traces", "tokens", "supervised_tokens"):
         lines.append(f"  {key:<20} {summary[key]}")
     lines.append(f"  {'supervised_fraction':<20} {summary['supervised_fraction']:.4f}")
+    if "supervised_by_source" in summary:
+        lines.append(f"  {'supervised_by_source':<20} {summary['supervised_by_source']}")
     for key in ("length", "teacher_logprobs", "ref_logprobs"):
         if key in summary:
             cells = ", ".join(f"{name} {value:.4g}" for name, value in summary[key].items())

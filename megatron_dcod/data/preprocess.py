@@ -169,7 +169,7 @@ def _write_shard(
                 arrays = work.progress.setdefault("arrays", encoded.trace.present_arrays())
                 topk = work.progress.setdefault("topk", _topk_of(encoded.trace))
                 writer = cleanup.enter_context(TraceDatasetWriter(prefix, arrays, topk))
-            if _add_to_writer(writer, encoded, config.skip_bad, outcomes):
+            if _add_to_writer(writer, encoded, config, outcomes):
                 progress.update(len(encoded.trace.tokens))
         if writer is not None:
             writer.commit({})
@@ -201,15 +201,22 @@ def _handle_bad_record(bad: BadRecord, skip_bad: bool, outcomes: Counter) -> Non
 
 
 def _add_to_writer(
-    writer: TraceDatasetWriter, encoded: EncodedRecord, skip_bad: bool, outcomes: Counter
+    writer: TraceDatasetWriter, encoded: EncodedRecord, config: PreprocessConfig, outcomes: Counter
 ) -> bool:
     """Write one trace; False if the writer refused it and --skip-bad skipped it."""
     location = encoded.location
     sidecar = {"input": location.file, "record": location.index, **(encoded.sidecar or {})}
     try:
+        if ("source" in writer.arrays) != (encoded.trace.source is not None):
+            has = "has" if encoded.trace.source is not None else "has no"
+            raise TraceFormatError(
+                f"{has} '{config.fields.segments}' field, unlike the records before it: "
+                "the records of a dataset carry segments all or none"
+            )
         writer.add(encoded.trace, sidecar)
     except TraceFormatError as error:  # e.g. a record without teacher arrays among ones with
-        _handle_bad_record(BadRecord(location, f"{location}: {error}", False), skip_bad, outcomes)
+        bad = BadRecord(location, f"{location}: {error}", False)
+        _handle_bad_record(bad, config.skip_bad, outcomes)
         outcomes[encoded.outcome] -= 1
         return False
     return True

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from megatron_dcod.config import RecordFields
+from megatron_dcod.data.sources import SOURCE_CODES, SUPERVISED_SOURCES
 
 import orjson
 
@@ -115,6 +116,8 @@ class ParsedRecord:
     teacher_topk_ids: np.ndarray | None = None  # [R, k] int32
     teacher_topk_logprobs: np.ndarray | None = None  # [R, k] float32
     sidecar: dict[str, Any] | None = None  # free metadata (answer, ids, ...)
+    segments: list[tuple[int, str]] | None = None
+    """(source code, text) of the pieces of the response, in order (None: no `segments`)."""
 
 
 def parse_record(payload: Any, location: RecordLocation, fields: RecordFields) -> ParsedRecord:
@@ -126,10 +129,11 @@ def parse_record(payload: Any, location: RecordLocation, fields: RecordFields) -
     record = dict(payload)
     messages = _messages_of(record, location, fields)
     teacher = _teacher_arrays(record, location, fields)
-    consumed = {fields.messages, fields.prompt, fields.response, fields.system}
+    segments = _segments_of(record, location, fields.segments, messages)
+    consumed = {fields.messages, fields.prompt, fields.response, fields.system, fields.segments}
     consumed |= {fields.teacher_logprobs, fields.teacher_token_ids, fields.teacher_topk}
     sidecar = {key: value for key, value in record.items() if key not in consumed}
-    return ParsedRecord(messages=messages, sidecar=sidecar, **teacher)
+    return ParsedRecord(messages=messages, sidecar=sidecar, segments=segments, **teacher)
 
 
 def loads_record(line: bytes | str, location: RecordLocation) -> Any:
@@ -173,6 +177,48 @@ def _messages_of(record: dict, location: RecordLocation, fields: RecordFields) -
     if record.get(fields.system):
         messages.insert(0, {"role": "system", "content": record[fields.system]})
     return messages
+
+
+def _segments_of(
+    record: dict, location: RecordLocation, name: str, messages: list[dict]
+) -> list[tuple[int, str]] | None:
+    """The validated `segments` field: known sources, string texts that concatenate exactly to
+    the content of the conversation's only assistant turn."""
+    segments = record.get(name)
+    if segments is None:
+        return None
+    if not isinstance(segments, list) or not segments:
+        raise RecordError(location, f"field '{name}' must be a non-empty list of {{source, text}}")
+    parsed = []
+    for index, segment in enumerate(segments):
+        if not isinstance(segment, dict) or not isinstance(segment.get("text"), str):
+            raise RecordError(location, f"'{name}'[{index}] must be an object with a string 'text'")
+        if segment.get("source") not in SUPERVISED_SOURCES:
+            raise RecordError(
+                location,
+                f"'{name}'[{index}] has source {segment.get('source')!r}: must be one of "
+                f"{', '.join(SUPERVISED_SOURCES)}",
+            )
+        parsed.append((SOURCE_CODES[segment["source"]], segment["text"]))
+    responses = [message["content"] for message in messages if message["role"] == "assistant"]
+    if len(responses) > 1:
+        raise RecordError(
+            location, f"'{name}' describe one response, but the record has {len(responses)} "
+            "assistant turns",
+        )  # fmt: skip
+    joined, response = "".join(text for _, text in parsed), responses[0]
+    if joined != response:
+        differs = next(
+            (i for i, (a, b) in enumerate(zip(joined, response)) if a != b),
+            min(len(joined), len(response)),
+        )
+        raise RecordError(
+            location,
+            f"the texts of '{name}' do not concatenate to the response ({len(joined)} vs "
+            f"{len(response)} characters; from character {differs}: "
+            f"{joined[differs:differs + 20]!r} vs {response[differs:differs + 20]!r})",
+        )
+    return parsed
 
 
 def _teacher_arrays(record: dict, location: RecordLocation, fields: RecordFields) -> dict:

@@ -7,6 +7,7 @@ order into `seq_length`-token sequences (or one trace per sequence without packi
 T tokens gives T−1 (input, target) positions, shifted once per the format's alignment rule
 (docs/data_format.md): input = tokens[:-1], label = tokens[1:], and every per-token array takes
 the [1:] slice. Traces with more than `seq_length` positions are truncated (counted and logged).
+Padding is 0 in every array: unsupervised, and source 0 (prompt) in the optional `source` array.
 With `--data-cache-path`, the sample index (trace order and sequence starts) is cached there.
 
 The arrays were validated when the dataset was written (finite log-probs, alignment); samples

@@ -27,6 +27,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from megatron_dcod.data.sources import SOURCE_NAMES, source_error  # noqa: F401 (re-export)
 from megatron_dcod.data.trace_stats import TraceStats
 
 FORMAT_VERSION = 1
@@ -66,7 +67,6 @@ ARRAY_SPECS: dict[str, ArraySpec] = {
 }
 REQUIRED_ARRAYS = ("tokens", "loss_mask")
 LOGPROB_ARRAYS = ("teacher_logprobs", "teacher_topk_logprobs", "ref_logprobs")
-SOURCE_NAMES = {0: "prompt", 1: "student", 2: "teacher"}  # values of the `source` array
 
 
 @dataclass
@@ -79,7 +79,7 @@ class Trace:
     teacher_topk_ids: np.ndarray | None = None  # [T, k] int32
     teacher_topk_logprobs: np.ndarray | None = None  # [T, k] float16
     ref_logprobs: np.ndarray | None = None  # [T] float32, log π_0(token_i | tokens_<i)
-    source: np.ndarray | None = None  # [T] uint8: 0 prompt, 1 student, 2 teacher
+    source: np.ndarray | None = None  # [T] uint8 SOURCE_NAMES: 0 unsupervised, 1-3 who wrote it
 
     def present_arrays(self) -> tuple[str, ...]:
         """Names of the arrays this trace carries, in ARRAY_SPECS order."""
@@ -105,6 +105,8 @@ def validate_trace(trace: Trace) -> None:
             raise TraceFormatError(f"{name} has {values.shape[0]} positions for {length} tokens")
         if name in LOGPROB_ARRAYS:
             _check_logprobs(name, values)
+    if trace.source is not None and (error := source_error(trace.source, trace.loss_mask)):
+        raise TraceFormatError(error)
     if trace.teacher_topk_ids is not None and trace.teacher_topk_ids.ndim != 2:
         raise TraceFormatError("teacher_topk_ids must be [tokens, k]")
 
@@ -270,9 +272,8 @@ class TraceDatasetWriter:
 
 
 def indexed_dataset_module() -> Any:
-    """megatron-core's indexed dataset module, imported without its "no TE/Apex" warnings.
-
-    The import takes seconds; the writer pays it when it opens its files."""
+    """megatron-core's indexed dataset module, imported without its "no TE/Apex" warnings (the
+    import takes seconds; the writer pays it when it opens its files)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from megatron.core.datasets import indexed_dataset

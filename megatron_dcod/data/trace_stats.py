@@ -1,8 +1,9 @@
 """The counts and statistics a trace dataset's meta.json holds, accumulated while writing.
 
-`counts`: traces, tokens, supervised tokens. `stats`: the mean teacher log-prob over supervised
-tokens, the largest token id and top-k id (what training checks against the model's
-vocabulary without reading the arrays) and a length histogram.
+`counts`: traces, tokens, supervised tokens (and, with the `source` array, supervised tokens by
+source). `stats`: the mean teacher log-prob over supervised tokens, the largest token id and
+top-k id (what training checks against the model's vocabulary without reading the arrays) and a
+length histogram.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from megatron_dcod.data.sources import SOURCE_NAMES, SUPERVISED_SOURCES
 
 if TYPE_CHECKING:
     from megatron_dcod.data.trace_format import Trace, TraceDataset
@@ -23,6 +26,7 @@ class TraceStats:
         self.supervised_tokens = 0
         self.teacher_logprob_sum: float | None = None
         self.max_ids = {"tokens": -1, "teacher_topk_ids": -1}  # largest id of each id array
+        self.source_tokens: np.ndarray | None = None  # [len(SOURCE_NAMES)] supervised per code
 
     def add(self, trace: Trace) -> None:
         self.lengths.append(len(trace.tokens))
@@ -34,6 +38,13 @@ class TraceStats:
             supervised = trace.loss_mask.astype(bool)
             logprob_sum = float(trace.teacher_logprobs[supervised].sum(dtype=np.float64))
             self.teacher_logprob_sum = (self.teacher_logprob_sum or 0.0) + logprob_sum
+        if trace.source is not None:
+            self._add_sources(trace.source[trace.loss_mask.astype(bool)])
+
+    def _add_sources(self, supervised_sources: np.ndarray) -> None:
+        counts = np.bincount(supervised_sources, minlength=len(SOURCE_NAMES))  # [codes]
+        previous = 0 if self.source_tokens is None else self.source_tokens
+        self.source_tokens = previous + counts.astype(np.int64)
 
     def add_dataset(self, dataset: TraceDataset) -> None:
         self.lengths.extend(dataset.lengths.tolist())
@@ -45,6 +56,20 @@ class TraceStats:
         mean_logprob = dataset.meta["stats"]["teacher_logprob_mean"]
         if mean_logprob is not None:
             self.teacher_logprob_sum = (self.teacher_logprob_sum or 0.0) + mean_logprob * supervised
+        if dataset.has("source"):
+            self._add_dataset_sources(dataset)
+
+    def _add_dataset_sources(self, dataset: TraceDataset) -> None:
+        """The counts by source of meta.json, else (an older dataset) of a scan of the arrays."""
+        by_source = dataset.meta["counts"].get("supervised_tokens_by_source")
+        if by_source is None:
+            supervised = dataset.flat("loss_mask").astype(bool)  # [total tokens]
+            self._add_sources(np.asarray(dataset.flat("source")[supervised]))
+            return
+        counts = np.zeros(len(SOURCE_NAMES), np.int64)  # [codes]
+        for code, name in SOURCE_NAMES.items():
+            counts[code] = by_source.get(name, 0)
+        self.source_tokens = counts + (0 if self.source_tokens is None else self.source_tokens)
 
     def summary(self) -> dict[str, Any]:
         lengths = np.asarray(self.lengths, dtype=np.int64)
@@ -59,6 +84,7 @@ class TraceStats:
                 "traces": len(lengths),
                 "tokens": int(lengths.sum()),
                 "supervised_tokens": self.supervised_tokens,
+                **self._by_source(),
             },
             "stats": {
                 "teacher_logprob_mean": mean_logprob,
@@ -67,3 +93,11 @@ class TraceStats:
                 "length_histogram": {"bin_starts": edges, "counts": counts.tolist()},
             },
         }
+
+    def _by_source(self) -> dict[str, Any]:
+        """{"supervised_tokens_by_source": {student: n, teacher: n, inserted: n}} or {}."""
+        if self.source_tokens is None:
+            return {}
+        codes = {name: code for code, name in SOURCE_NAMES.items()}
+        counts = {name: int(self.source_tokens[codes[name]]) for name in SUPERVISED_SOURCES}
+        return {"supervised_tokens_by_source": counts}

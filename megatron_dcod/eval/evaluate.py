@@ -19,15 +19,11 @@ from megatron_dcod.eval.benchmarks import (
     load_problems,
     with_fields,
 )
-from megatron_dcod.eval.generation import (
-    Generation,
-    HFBackend,
-    SamplingConfig,
-    VLLMBackend,
-    choose_backend,
-)
 from megatron_dcod.eval.grading import Grader, grader_version
 from megatron_dcod.eval.metrics import has_repetition_loop, summarize
+from megatron_dcod.inference.engine import Generation, SamplingConfig, choose_backend
+from megatron_dcod.inference.hf_engine import HFEngine
+from megatron_dcod.inference.vllm_engine import VLLMEngine
 from megatron_dcod.eval.outputs import RunDir, markdown_report
 
 Item = tuple[Problem, int]  # a problem and the index of one of its k samples
@@ -139,13 +135,13 @@ def _pending(run: RunDir, problems: list[Problem], samples: int) -> list[Item]:
 
 def _make_backend(config: EvalConfig, tokenizer):
     if config.backend == "vllm":
-        return VLLMBackend(
+        return VLLMEngine(
             config.model,
             dtype=config.dtype,
             tensor_parallel_size=config.tensor_parallel_size,
             seed=config.seed,
         )
-    return HFBackend(
+    return HFEngine(
         config.model, tokenizer, device=config.device, dtype=config.dtype,
         batch_size=config.batch_size,
     )  # fmt: skip

@@ -5,7 +5,9 @@ after the last micro-batch of a logged iteration the sums are all-reduced over t
 group of the last pipeline stage, which holds every token of the interval, and written to
 stdout in Megatron's `key: value |` format, to TensorBoard (`dcod/<name>`) and to W&B when
 configured. Micro-batches dropped for a non-finite loss are counted here
-(`dropped_microbatches`, `dropped_tokens`), not in Megatron's `lm loss`.
+(`dropped_microbatches`, `dropped_tokens`), not in Megatron's `lm loss`. When the run loads the
+`source` array, the line also holds `base loss <source>` and `w mean <source>` for the student,
+teacher and inserted tokens (means of the interval's sums, like the others).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class WeightMetrics:
     """Process group to reduce over (None: the default group)."""
     is_reporting_rank: bool = False
     """Whether this rank prints the line (Megatron prints from the last rank)."""
+    per_source: bool = False
+    """Report the per-source means too (the batches carry the `source` array)."""
     sums: torch.Tensor = field(
         default_factory=lambda: torch.zeros(len(STAT_NAMES), dtype=torch.float64)
     )
@@ -60,7 +64,7 @@ class WeightMetrics:
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums, group=self.data_parallel_group())
         self.sums.zero_()
-        summary = summarize_stats(sums)
+        summary = summarize_stats(sums, self.per_source)
         self.last_report = summary
         if self.is_reporting_rank:
             fields = " | ".join(f"{name}: {_format(value)}" for name, value in summary.items())

@@ -25,6 +25,10 @@ from megatron_dcod.data.trace_format import (
 )
 
 RESOLVED_CONFIG_NAME = "dcod_config.json"
+SOURCE_NEEDED = (
+    ": --dcod-train-sources other than all needs the per-token `source` array, which "
+    "preprocessing writes from records with `segments` (docs/data_format.md)"
+)
 
 
 @dataclass(frozen=True)
@@ -79,8 +83,8 @@ def check_datasets(
     prefixes: list[str], data: TraceDataConfig, model_vocab_size: int
 ) -> tuple[TraceDataConfig, TokenizerFingerprint]:
     """Open every dataset (sizes, alignment, tokenizer) and check it against the run; returns
-    the data config to use (with `teacher_logprobs` for the mean-Δ diagnostic when every dataset
-    has it) and the run's tokenizer fingerprint."""
+    the data config to use (with `teacher_logprobs` for the mean-Δ diagnostic and `source` for
+    the per-source ones when every dataset has them) and the run's tokenizer fingerprint."""
     if data.tokenizer:
         from megatron_dcod.data.chat import ChatTokenizer
 
@@ -91,13 +95,15 @@ def check_datasets(
     for dataset in datasets:
         missing = [name for name in data.arrays if not dataset.has(name)]
         if missing:
+            why = SOURCE_NEEDED if "source" in missing else ""
             raise TraceFormatError(
                 f"{dataset.prefix}: the correction needs {missing}, which this trace dataset "
-                f"lacks (it has {dataset.meta['arrays']})"
+                f"lacks (it has {dataset.meta['arrays']}){why}"
             )
         check_vocabulary(dataset, model_vocab_size)
-    if all(dataset.has("teacher_logprobs") for dataset in datasets):
-        data = replace(data, arrays=tuple(dict.fromkeys(data.arrays + ("teacher_logprobs",))))
+    for name in ("teacher_logprobs", "source"):  # diagnostics, loaded when every dataset has it
+        if all(dataset.has(name) for dataset in datasets):
+            data = replace(data, arrays=tuple(dict.fromkeys(data.arrays + (name,))))
     return data, reference
 
 

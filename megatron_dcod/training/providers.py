@@ -104,6 +104,7 @@ def forward_step(
             with_context_parallel=True
         ),
         is_reporting_rank=args.rank == args.world_size - 1,
+        per_source="source" in run.data.arrays,
     )
     return ForwardStep(
         correction=run.correction, pack=run.data.pack, metrics=metrics, weight_sum=weight_sum

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_dcod.scoring.hf_scorer import CausalLMScorer
+from megatron_dcod.inference.trace_scorer import CausalLMScorer
 from tests.helpers.models import save_tiny_llama
-from tests.unit.scoring.test_hf_scorer import VOCAB, make_traces
+from tests.unit.inference.test_trace_scorer import VOCAB, make_traces
 
 pytestmark = [
     pytest.mark.gpu,

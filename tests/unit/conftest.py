@@ -73,3 +73,18 @@ def teacher_records(chat_tokenizer) -> list[dict]:
         teacher_record(chat_tokenizer, prompt, response, seed, topk=3)
         for seed, (prompt, response) in enumerate(PROBLEMS * 3)
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, chat_tokenizer, tokenizer_dir):
+    """A tiny random Llama with the tests' tokenizer in one dir: peaked logits (parameters
+    N(0, 0.3)) make greedy choices clear; 256 positions."""
+    import shutil
+
+    from tests.helpers.models import save_tiny_llama
+
+    directory = tmp_path_factory.mktemp("tiny_model")
+    save_tiny_llama(directory, len(chat_tokenizer.tokenizer), seed=3, init_std=0.3)
+    for file in tokenizer_dir.iterdir():
+        shutil.copy(file, directory)
+    return directory

@@ -25,6 +25,7 @@ NON_DEFAULT = CorrectionConfig(
     topk_mode="tail",
     todi_beta=0.25,
     iw_sft_max_weight=4.0,
+    train_sources=("teacher", "inserted"),
 )
 
 
@@ -37,9 +38,14 @@ def flag_of(field: str) -> str:
     return f"--dcod-{field.replace('_', '-')}"
 
 
+def flag_value(value) -> str:
+    return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
 def test_every_field_has_a_flag_and_reaches_the_config():
     flags = [
-        f"{flag_of(f.name)}={getattr(NON_DEFAULT, f.name)}" for f in dataclasses.fields(NON_DEFAULT)
+        f"{flag_of(f.name)}={flag_value(getattr(NON_DEFAULT, f.name))}"
+        for f in dataclasses.fields(NON_DEFAULT)
     ]
     assert correction_config_from_args(parse(*flags)) == NON_DEFAULT
     assert all(getattr(NON_DEFAULT, f.name) != f.default for f in dataclasses.fields(NON_DEFAULT))
@@ -62,3 +68,14 @@ def test_bad_values_are_refused():
         parse("--dcod-topk-mode=renormalise")
     with pytest.raises(ValueError, match="temperature must be positive"):
         correction_config_from_args(parse("--dcod-temperature=0"))
+    for bad in ("oracle", "teacher,oracle", ","):
+        with pytest.raises(SystemExit):
+            parse(f"--dcod-train-sources={bad}")
+
+
+def test_train_sources_flag():
+    config = correction_config_from_args(parse("--dcod-train-sources= inserted,student"))
+    assert config.train_sources == ("student", "inserted") and config.restricts_sources
+    assert config.required_arrays() == ("source",)
+    everything = parse("--dcod-train-sources=teacher,student,inserted")
+    assert not correction_config_from_args(everything).restricts_sources

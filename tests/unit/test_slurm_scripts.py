@@ -7,6 +7,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from megatron_dcod.arguments import (
     eval_config_from_args,
     preprocess_config_from_args,
 )
+from megatron_dcod.synthesis.cli import add_synthesis_args, synthesis_config_from_args
 from tests.helpers.training import REPO
 
 SLURM = REPO / "slurm"
@@ -25,6 +27,7 @@ TOOL_PARSERS = {
     "preprocess_traces.py": add_preprocess_args,
     "convert_checkpoint.py": add_convert_args,
     "eval_math.py": add_eval_args,
+    "synthesize_traces.py": add_synthesis_args,
 }
 
 
@@ -85,6 +88,7 @@ def test_shellcheck_is_clean():
         ("convert_hf.sh", {"MODE": "import-hf", "TP": "4"}, ["import-hf", "4"]),
         ("convert_hf.sh", {"MODE": "export-hf", "OUT": "hf-out"}, ["export-hf", "hf-out"]),
         ("eval.sh", {"BENCHMARKS": "gsm8k aime24", "EXTRA_ARGS": "--limit 5"}, ["aime24", "5"]),
+        ("synthesize.sh", {"METHOD": "skd", "SHARD": "3", "SHARDS": "8"}, ["skd", "3/8"]),
     ],
 )
 def test_dry_run_prints_commands_the_tools_accept(tmp_path, script, env, expected):
@@ -100,6 +104,8 @@ def test_dry_run_prints_commands_the_tools_accept(tmp_path, script, env, expecte
             eval_config_from_args(args)
         if tool == "preprocess_traces.py":
             preprocess_config_from_args(args)
+        if tool == "synthesize_traces.py":
+            synthesis_config_from_args(args)
     printed = [word for _, arguments in commands for word in arguments]
     assert all(any(value in word for word in printed) for value in expected), printed
 
@@ -178,3 +184,18 @@ def test_a_stopped_run_requeues_and_a_crash_does_not(tmp_path, time_limit):
         assert "stopped at iteration 2 of 4: requeueing job 42" in result.stderr
     else:
         assert result.returncode == 3 and "scontrol" not in result.stdout
+
+
+def test_synthesis_merge_refuses_an_unfinished_part(tmp_path):
+    for index in range(2):
+        part = tmp_path / f"part-{index}-of-2.jsonl"
+        part.write_text(f'{{"prompt_index": {index}}}\n')
+        complete = "true" if index == 0 else "false"
+        Path(f"{part}.summary.json").write_text(f'{{"complete": {complete}}}')
+    result = run_script("synthesize.sh", MODE="merge", SHARDS="2", OUT_DIR=str(tmp_path))
+    assert result.returncode != 0 and "part-1-of-2.jsonl is not complete" in result.stderr
+    Path(f"{tmp_path}/part-1-of-2.jsonl.summary.json").write_text('{"complete": true}')
+    result = run_script("synthesize.sh", MODE="merge", SHARDS="2", OUT_DIR=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    merged = (tmp_path / "motab.jsonl").read_text()
+    assert merged == '{"prompt_index": 0}\n{"prompt_index": 1}\n'

@@ -54,25 +54,32 @@ def test_tiny_model_learns_and_logs(tmp_path):
 
 
 def write_bare_traces(prefix):
-    """Traces without teacher arrays."""
+    """Traces without teacher arrays, with sources: 4 prompt, 4 student, 1 inserted, 3 teacher."""
     rng = np.random.default_rng(0)
-    with TraceDatasetWriter(prefix, ("tokens", "loss_mask")) as writer:
+    source = np.r_[np.zeros(4), np.ones(4), [3], np.full(3, 2)].astype(np.uint8)
+    with TraceDatasetWriter(prefix, ("tokens", "loss_mask", "source")) as writer:
         for _ in range(16):
             tokens = rng.integers(0, 64, 12).astype(np.int32)
-            writer.add(Trace(tokens, np.r_[np.zeros(4), np.ones(8)].astype(np.uint8)))
+            writer.add(Trace(tokens, (source > 0).astype(np.uint8), source=source))
         writer.commit({"tokenizer": FINGERPRINT})
     return prefix
 
 
 def test_missing_array_fails_before_step_1(tmp_path):
+    """... and the source array reaches the loss: per-source metrics, --dcod-train-sources."""
     data = write_bare_traces(tmp_path / "bare")
     hf_config = save_hf_config(tmp_path / "hf")
     flags = tiny_run_flags(hf_config, data, iters=2)
     output = train(*flags, "--dcod-weighting=dcod", "--micro-batch-size=1", check=False)
     assert "the correction needs ['teacher_logprobs']" in output and str(data) in output
     assert not logged_losses(output)
-    sft = train(*flags, "--micro-batch-size=1", "--global-batch-size=2")  # SFT needs none
+    sft = train(  # SFT needs no teacher array
+        *flags, "--micro-batch-size=1", "--global-batch-size=2", "--dcod-train-sources=teacher"
+    )
     assert sorted(logged_losses(sft)) == [1, 2]
+    metrics = logged_weight_metrics(sft)[2]
+    assert np.isnan(metrics["base loss student"]) and np.isnan(metrics["w mean inserted"])
+    assert metrics["w mean teacher"] == 1.0 and metrics["base loss teacher"] > 0
 
 
 def test_sigterm_saves_a_checkpoint(tmp_path):

@@ -1,6 +1,7 @@
 """The corrected loss against float64 reference loops over tokens (docs/method.md)."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -279,3 +280,93 @@ def test_topk_losses_see_mass_outside_the_teacher_ids(base_loss, mode):
     for _ in range(20):  # any student distribution: never negative
         student = torch.log_softmax(torch.randn(8, generator=generator, dtype=torch.float64), 0)
         assert loss(student[None, None, :3], teacher_topk[None, None], mode).item() >= 0
+
+
+# who wrote each position: 0 off the mask, else 1 student, 2 teacher, 3 inserted
+SOURCE = [[0, 1, 2, 0, 3, 2, 0, 0], [0, 0, 0, 0, 1, 3, 2, 2]]
+SOURCE_CONFIGS = [
+    CorrectionConfig(weighting="dcod"),
+    CorrectionConfig(weighting="dcod", scope="prefix", temperature=0.5),
+    CorrectionConfig(weighting="iw_sft"),
+    CorrectionConfig(weighting="dcod", base_loss="kl"),
+]
+
+
+def with_sources(batch, source=SOURCE):
+    return batch | {"source": torch.tensor(source, dtype=torch.uint8)}
+
+
+@pytest.mark.parametrize("config", SOURCE_CONFIGS, ids=lambda c: f"{c.weighting}-{c.base_loss}")
+def test_per_source_means_match_float64(config):
+    """`base loss <source>` and `w mean <source>`: means over that source's supervised tokens of
+    the reference token losses and weights (float64 loops)."""
+    logits, batch = make_batch(seed=4)
+    batch = with_sources(batch)
+    if config.base_loss == "ce":
+        output, token_loss = token_ce(logits, batch["labels"]), token_ce(logits, batch["labels"])
+        logp = (-token_loss).tolist()
+    else:
+        output, token_loss = logits, reference_topk_loss(config, logits, batch)
+        logp = torch.log_softmax(logits, -1).gather(-1, batch["labels"][..., None])[..., 0]
+        logp = logp.tolist()
+    summary = summarize_stats(corrected_loss(config, output, batch).stats, per_source=True)
+    w = reference_weights(config, logp, batch)
+    for code, name in ((1, "student"), (2, "teacher"), (3, "inserted")):
+        positions = [(r, t) for r in range(2) for t in range(8) if SOURCE[r][t] == code]
+        assert positions and all(MASK[r][t] for r, t in positions)
+        loss = sum(token_loss[r, t].item() for r, t in positions) / len(positions)
+        weight = sum(w[r, t].item() for r, t in positions) / len(positions)
+        assert summary[f"base loss {name}"] == pytest.approx(loss, rel=1e-10, abs=1e-12), name
+        assert summary[f"w mean {name}"] == pytest.approx(weight, rel=1e-10, abs=1e-12), name
+    assert "base loss student" not in summarize_stats(corrected_loss(config, output, batch).stats)
+    no_inserted = [[1 if s == 3 else s for s in row] for row in SOURCE]
+    result = corrected_loss(config, output, with_sources(batch, no_inserted))
+    summary = summarize_stats(result.stats, per_source=True)
+    assert math.isnan(summary["base loss inserted"]) and math.isnan(summary["w mean inserted"])
+
+
+@pytest.mark.parametrize("sources", [("teacher",), ("student", "inserted")])
+@pytest.mark.parametrize(
+    "config",
+    [
+        CorrectionConfig(weighting="dcod", scope="prefix"),
+        CorrectionConfig(weighting="dcod", scope="sequence", normalization="weights"),
+        CorrectionConfig(weighting="iw_sft"),
+        CorrectionConfig(weighting="dft", base_loss="todi"),
+    ],
+    ids=lambda c: f"{c.weighting}-{c.scope}-{c.base_loss}",
+)
+def test_restricting_sources_equals_zeroing_the_others_loss_mask(config, sources):
+    logits, batch = make_batch(seed=6)
+    batch = with_sources(batch)
+    results, grads = [], []
+    restricted = replace(config, train_sources=sources)
+    codes = torch.tensor([{"student": 1, "teacher": 2, "inserted": 3}[s] for s in sources])
+    masked = batch | {"loss_mask": batch["loss_mask"] * torch.isin(batch["source"], codes)}
+    for run_config, run_batch in ((restricted, batch), (config, masked)):
+        leaf = logits.detach().clone().requires_grad_(True)
+        output = token_ce(leaf, batch["labels"]) if config.base_loss == "ce" else leaf
+        result = corrected_loss(run_config, output, run_batch)
+        (result.loss_sum / result.normalizer).backward()
+        results.append(result)
+        grads.append(leaf.grad)
+    trained, reference = results
+    assert 0 < reference.supervised_tokens < batch["loss_mask"].sum()
+    for name in ("loss_sum", "normalizer", "supervised_tokens", "base_loss_sum", "stats"):
+        torch.testing.assert_close(getattr(trained, name), getattr(reference, name), rtol=0, atol=0)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    summary = summarize_stats(trained.stats, per_source=True)
+    left_out = {"student", "teacher", "inserted"} - set(sources)
+    assert all(math.isnan(summary[f"base loss {name}"]) for name in left_out)
+
+
+def test_train_sources_are_checked():
+    assert CorrectionConfig(train_sources=("teacher",)).required_arrays() == ("source",)
+    assert not CorrectionConfig(train_sources=("inserted", "teacher", "student")).restricts_sources
+    for bad in ((), ("teacher", "teacher"), ("oracle",)):
+        with pytest.raises(ValueError, match="train sources must be distinct names"):
+            CorrectionConfig(train_sources=bad)
+    logits, batch = make_batch()
+    with pytest.raises(ValueError, match="need the batch's `source` array"):
+        config = CorrectionConfig(train_sources=("teacher",))
+        corrected_loss(config, token_ce(logits, batch["labels"]), batch)

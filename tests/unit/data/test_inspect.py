@@ -63,3 +63,6 @@ def test_summary_statistics(dataset):
     assert summary["teacher_logprobs"]["p50"] == pytest.approx(np.median(supervised_logprobs))
     assert summary["teacher_logprobs"]["min"] == -3.0
     assert "teacher_logprobs" in format_summary(summary)
+    assert summary["supervised_by_source"] == {"student": 4, "teacher": 1, "inserted": 0}
+    assert dataset.meta["counts"]["supervised_tokens_by_source"] == summary["supervised_by_source"]
+    assert "supervised_by_source" in format_summary(summary)

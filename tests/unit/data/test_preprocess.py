@@ -224,7 +224,7 @@ def test_scoring_with_teacher_and_reference_models(
     tmp_path, tokenizer_dir, chat_tokenizer, teacher_records
 ):
     from megatron_dcod.config import ScoringConfig
-    from megatron_dcod.scoring.hf_scorer import CausalLMScorer
+    from megatron_dcod.inference.trace_scorer import CausalLMScorer
 
     vocab = len(chat_tokenizer.tokenizer)
     teacher = save_tiny_llama(tmp_path / "teacher", vocab, seed=1)

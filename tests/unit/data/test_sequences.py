@@ -31,8 +31,8 @@ def test_pack_greedily():
 
 
 def test_samples_are_shifted_traces(tmp_path):
-    prefix = write_synthetic_traces(tmp_path / "t", count=20, lengths=(3, 12))
-    traces, dataset = TraceDataset(prefix), sequences(prefix)
+    prefix = write_synthetic_traces(tmp_path / "t", count=20, lengths=(3, 12), sources=True)
+    traces, dataset = TraceDataset(prefix), sequences(prefix, arrays=ARRAYS + ("source",))
     seen = []
     for index in range(len(dataset)):
         sample = dataset[index]
@@ -46,12 +46,13 @@ def test_samples_are_shifted_traces(tmp_path):
             np.testing.assert_array_equal(sample["labels"][span], trace.tokens[1:])
             np.testing.assert_array_equal(sample["loss_mask"][span], trace.loss_mask[1:])
             np.testing.assert_array_equal(sample["position_ids"][span], np.arange(count))
-            for name in ARRAYS:
+            for name in ARRAYS + ("source",):
                 expected = getattr(trace, name)[1:].astype(sample[name].dtype)
                 np.testing.assert_array_equal(sample[name][span], expected)
             start += count
             seen.append(int(trace_index))
         assert start <= 16 and not sample["loss_mask"][start:].any()
+        assert sample["source"].dtype == np.uint8 and not sample["source"][start:].any()
         assert (sample["segment_ids"][start:] == len(bin_traces)).all()  # padding segment
     assert sorted(seen) == list(range(20))  # one epoch: every trace exactly once
 

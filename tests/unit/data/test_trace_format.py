@@ -39,7 +39,7 @@ def random_trace(rng: np.random.Generator, length: int, k: int = 4) -> Trace:
         teacher_topk_ids=rng.integers(0, 100, (length, k), dtype=np.int32),
         teacher_topk_logprobs=(-rng.exponential(size=(length, k))).astype(np.float16),
         ref_logprobs=np.where(mask, -rng.exponential(size=length), 0).astype(np.float32),
-        source=rng.integers(0, 3, length, dtype=np.uint8),
+        source=np.where(mask, rng.integers(1, 4, length), 0).astype(np.uint8),
     )
 
 
@@ -84,6 +84,9 @@ def test_round_trip_is_bit_exact(tmp_path):
         (lambda t: t.ref_logprobs.__setitem__(2, np.inf), "ref_logprobs at token 2"),
         (lambda t: t.teacher_logprobs.__setitem__(1, 0.5), "must be finite and <= 0"),
         (lambda t: setattr(t, "source", t.source[:-1]), "source has 9 positions for 10 tokens"),
+        (lambda t: t.source.__setitem__(9, 0), "source at token 9 is 0 on a supervised token"),
+        (lambda t: t.source.__setitem__(9, 4), "source at token 9 is 4 on a supervised token"),
+        (lambda t: t.source.__setitem__(0, 2), "source at token 0 is 2 on an unsupervised"),
     ],
 )
 def test_validate_trace_rejects(corrupt, message):
@@ -240,3 +243,26 @@ def test_topk_logprobs_below_float16_range_are_stored_finite(tmp_path):
     write(tmp_path / "ds", [trace])
     stored = TraceDataset(tmp_path / "ds")[0].teacher_topk_logprobs
     assert stored[3, 0] == np.finfo(np.float16).min and np.isfinite(stored).all()
+
+
+def test_supervised_tokens_by_source_survive_merging(tmp_path):
+    """meta.json counts supervised tokens by source; merging shards adds them up, scanning a
+    shard written before the count existed."""
+    rng = np.random.default_rng(5)
+    shards = [[random_trace(rng, length) for length in (9, 30)] for _ in range(2)]
+    for index, traces in enumerate(shards):
+        write(tmp_path / f"shard{index}", traces)
+    meta = json.loads(meta_path(tmp_path / "shard1").read_text())
+    del meta["counts"]["supervised_tokens_by_source"]  # an older shard: scanned instead
+    meta_path(tmp_path / "shard1").write_text(json.dumps(meta))
+    with TraceDatasetWriter(tmp_path / "merged", ALL_ARRAYS, topk=4) as writer:
+        for index in range(2):
+            writer.add_dataset(tmp_path / f"shard{index}")
+        merged = writer.commit({"tokenizer": FINGERPRINT.__dict__})
+    traces = shards[0] + shards[1]
+    supervised = np.concatenate([t.source[t.loss_mask == 1] for t in traces])
+    expected = dict(
+        zip(("student", "teacher", "inserted"), np.bincount(supervised, minlength=4)[1:].tolist())
+    )
+    assert merged["counts"]["supervised_tokens_by_source"] == expected
+    assert write(tmp_path / "one", traces)["counts"]["supervised_tokens_by_source"] == expected

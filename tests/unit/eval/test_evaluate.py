@@ -6,7 +6,7 @@ import json
 import pytest
 
 from megatron_dcod.eval import evaluate as evaluate_module
-from megatron_dcod.eval.generation import Generation
+from megatron_dcod.inference.engine import Generation
 from tests.unit.conftest import write_jsonl
 from tools.eval_math import main as eval_math
 
@@ -86,7 +86,7 @@ class ScriptedBackend:
             self.generated.append(problem)
             ids = self.tokenizer(response)["input_ids"] if response is not None else []
             error = "generation failed: simulated" if response is None else None
-            results.append(Generation(response or "", ids, truncated=False, error=error))
+            results.append(Generation(response or "", ids, None if error else "eos", error=error))
         return results
 
 

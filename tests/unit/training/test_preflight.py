@@ -78,3 +78,20 @@ def test_ids_beyond_the_vocabulary_are_refused(tmp_path):
     meta_path(prefix).write_text(json.dumps(meta))
     with pytest.raises(TraceFormatError, match=f"tokens holds id {largest}, beyond"):
         check_datasets([str(prefix)], data_config(CorrectionConfig()), 64)
+
+
+def test_source_array_for_the_per_source_metrics_and_train_sources(tmp_path):
+    """Loaded when every dataset has it; --dcod-train-sources other than all needs it."""
+    with_sources = write_synthetic_traces(tmp_path / "a", count=4, sources=True)
+    without = write_synthetic_traces(tmp_path / "b", count=4)
+    data, _ = check_datasets([str(with_sources)], data_config(CorrectionConfig()), 64)
+    assert data.arrays == ("teacher_logprobs", "source")
+    data, _ = check_datasets([str(with_sources), str(without)], data_config(CorrectionConfig()), 64)
+    assert data.arrays == ("teacher_logprobs",)  # a blend where one dataset lacks it
+    teacher_only = CorrectionConfig(train_sources=("teacher",))
+    data, _ = check_datasets([str(with_sources)], data_config(teacher_only), 64)
+    assert data.arrays == ("source", "teacher_logprobs")
+    with pytest.raises(TraceFormatError, match=f"{without}: the correction needs \\['source'\\]"):
+        check_datasets([str(with_sources), str(without)], data_config(teacher_only), 64)
+    with pytest.raises(TraceFormatError, match="--dcod-train-sources other than all needs the per"):
+        check_datasets([str(without)], data_config(teacher_only), 64)

@@ -1,10 +1,12 @@
 """The loss function Megatron calls: its contract, dropped micro-batches and weight metrics."""
 
+import math
+
 import pytest
 import torch
 
 from megatron_dcod.config import CorrectionConfig
-from megatron_dcod.correction.objective import STAT_NAMES
+from megatron_dcod.correction.objective import STAT_NAMES, corrected_loss
 from megatron_dcod.training.metrics import WeightMetrics
 from megatron_dcod.training.step import ForwardStep, WeightSumNormalizer
 
@@ -73,6 +75,7 @@ def topk_batch(vocab: int = 16, k: int = 3) -> dict:
     topk = batch() | {
         "teacher_topk_ids": torch.randint(0, vocab, (2, 4, k), generator=generator).int(),
         "teacher_topk_logprobs": -torch.rand(2, 4, k, generator=generator).half() - 0.1,
+        "source": torch.tensor([[0, 1, 3, 2], [0, 0, 2, 2]], dtype=torch.uint8),
     }
     return topk
 
@@ -96,23 +99,30 @@ def test_a_bad_teacher_topk_value_drops_the_micro_batch_with_a_zero_gradient(bas
 NO_SYNC = ("__bool__", "__float__", "__int__", "__index__", "item", "tolist")
 
 
+@pytest.mark.parametrize("sources", [("student", "teacher", "inserted"), ("teacher",)])
 @pytest.mark.parametrize("base_loss", ["ce", "kl", "todi"])
-def test_the_loss_never_synchronizes_with_the_device(monkeypatch, base_loss):
+def test_the_loss_never_synchronizes_with_the_device(monkeypatch, base_loss, sources):
     """No `bool(tensor)`, `float(tensor)`, `.item()`, ... in the loss or the metrics' per-micro-
-    batch work: the drop decision and the statistics stay device tensors."""
+    batch work: the drop decision, the source restriction and the statistics stay device
+    tensors."""
 
     def refuse(self, *args):
         raise AssertionError("host synchronization in the loss function")
 
-    metrics = WeightMetrics(log_interval=1, num_microbatches=lambda: 8, next_iteration=lambda: 1)
-    config = CorrectionConfig(weighting="dcod", scope="prefix", base_loss=base_loss)
+    metrics = WeightMetrics(
+        log_interval=1, num_microbatches=lambda: 8, next_iteration=lambda: 1, per_source=True
+    )
+    config = CorrectionConfig(
+        weighting="dcod", scope="prefix", base_loss=base_loss, train_sources=sources
+    )
     step = ForwardStep(config, pack=False, metrics=metrics, weight_sum=WeightSumNormalizer())
     output = torch.rand(2, 4) if base_loss == "ce" else torch.randn(2, 4, 16)
     for name in NO_SYNC:
         monkeypatch.setattr(torch.Tensor, name, refuse)
     loss, num_tokens, report = step.loss(topk_batch(), True, output)
     monkeypatch.undo()
-    assert loss.item() > 0 and num_tokens.item() == 5 and metrics.microbatches_seen == 1
+    assert loss.item() > 0 and num_tokens.item() == (5 if len(sources) == 3 else 3)
+    assert metrics.microbatches_seen == 1
 
 
 def test_weights_normalization_hands_the_weight_sum_to_megatron():
@@ -132,3 +142,45 @@ def test_weights_normalization_hands_the_weight_sum_to_megatron():
     weight_sum.finalize([], torch.tensor(5, dtype=torch.int))
     assert received[0].item() == pytest.approx(total) and received[0].dtype == torch.float32
     assert weight_sum.total.item() == 0  # reset for the next step
+
+
+def test_per_source_metrics_are_reduced_as_sums_over_micro_batches_and_ranks(monkeypatch):
+    """Two micro-batches here and two on a simulated second data-parallel rank (its sums added
+    by the all-reduce): the per-source means are those of all their tokens pooled, in float64,
+    not means of per-micro-batch means (the sources are spread unevenly)."""
+    generator = torch.Generator().manual_seed(7)
+    sources = [[[0, 1, 1, 1], [0, 0, 3, 2]], [[0, 2, 2, 2], [0, 0, 1, 2]]]
+    micro_batches = []
+    for index in range(4):
+        micro_batch = batch() | {
+            "teacher_logprobs": -torch.rand(2, 4, generator=generator, dtype=torch.float64),
+            "source": torch.tensor(sources[index % 2], dtype=torch.uint8),
+        }
+        micro_batches.append((micro_batch, torch.rand(2, 4, generator=generator).double()))
+    config = CorrectionConfig(weighting="dcod", temperature=0.5)
+    other_rank = sum(corrected_loss(config, ce, b).stats for b, ce in micro_batches[2:])
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda sums, group: sums.add_(other_rank))
+    metrics = WeightMetrics(
+        log_interval=1, num_microbatches=lambda: 2, next_iteration=lambda: 1, per_source=True
+    )
+    step = ForwardStep(config, pack=False, metrics=metrics)
+    for micro_batch, ce in micro_batches[:2]:
+        step.loss(micro_batch, True, ce)
+    summary = metrics.last_report
+    pooled = {code: ([], []) for code in (1, 2, 3)}  # source → (token losses, weights)
+    for micro_batch, ce in micro_batches:
+        for r in range(2):
+            for t in range(4):
+                if micro_batch["loss_mask"][r, t]:
+                    delta = -ce[r, t].item() - micro_batch["teacher_logprobs"][r, t].item()
+                    weight = 2 / (1 + math.exp(-delta / 0.5))
+                    code = int(micro_batch["source"][r, t])
+                    pooled[code][0].append(ce[r, t].item())
+                    pooled[code][1].append(weight)
+    for code, name in ((1, "student"), (2, "teacher"), (3, "inserted")):
+        losses, weights = pooled[code]
+        assert summary[f"base loss {name}"] == pytest.approx(sum(losses) / len(losses), rel=1e-12)
+        assert summary[f"w mean {name}"] == pytest.approx(sum(weights) / len(weights), rel=1e-12)
+    keys = list(summary)
+    assert keys[-2:] == ["dropped_microbatches", "dropped_tokens"] and len(keys) == 13

@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from megatron_dcod.scoring import hf_scorer
-from megatron_dcod.scoring.hf_scorer import CausalLMScorer
+from megatron_dcod.inference import trace_scorer
+from megatron_dcod.inference.trace_scorer import CausalLMScorer
 from tests.helpers.models import save_tiny_llama
 
 VOCAB = 96
@@ -73,7 +73,7 @@ def test_matches_float64_reference(model_dir, float64_model, batch_tokens):
 
 
 def test_chunked_log_softmax_matches_reference(model_dir, float64_model, monkeypatch):
-    monkeypatch.setattr(hf_scorer, "LOGITS_CHUNK_BYTES", 4 * VOCAB * 5)  # 5 positions of 1 row
+    monkeypatch.setattr(trace_scorer, "LOGITS_CHUNK_BYTES", 4 * VOCAB * 5)  # 5 positions of 1 row
     traces = make_traces()
     scored = CausalLMScorer(model_dir, topk=TOPK, batch_tokens=64).score(traces)
     assert_matches_reference(scored, traces, float64_model)

@@ -1,4 +1,4 @@
-"""Evaluation on a GPU: the HF backend on CUDA against CPU, and vLLM where installed."""
+"""Inference engines on a GPU: the HF engine on CUDA against CPU, and vLLM where installed."""
 
 import importlib.util
 import shutil
@@ -8,7 +8,9 @@ import torch
 
 from megatron_dcod.data.chat import ChatTokenizer
 from megatron_dcod.data.tiny_tokenizer import train_tiny_tokenizer
-from megatron_dcod.eval.generation import HFBackend, SamplingConfig, VLLMBackend
+from megatron_dcod.inference.engine import SamplingConfig
+from megatron_dcod.inference.hf_engine import HFEngine
+from megatron_dcod.inference.vllm_engine import VLLMEngine
 from tests.helpers.models import save_tiny_llama
 from tests.unit.conftest import TOKENIZER_TEXTS
 
@@ -34,7 +36,7 @@ def model(tmp_path_factory):
 
 def _generate(model, device, dtype):
     directory, tokenizer, prompts = model
-    backend = HFBackend(directory, tokenizer, device=device, dtype=dtype, batch_size=4)
+    backend = HFEngine(directory, tokenizer, device=device, dtype=dtype, batch_size=4)
     return backend.generate(prompts, GREEDY, seeds=[0] * len(prompts))
 
 
@@ -53,6 +55,6 @@ def test_cuda_bf16_generates_the_same_first_tokens(model):
 def test_vllm_greedy_equals_hf(model):
     directory, _, prompts = model
     on_hf = _generate(model, "cuda", "fp32")
-    backend = VLLMBackend(directory, dtype="fp32", tensor_parallel_size=1, seed=0)
+    backend = VLLMEngine(directory, dtype="fp32", tensor_parallel_size=1, seed=0)
     on_vllm = backend.generate(prompts, GREEDY, seeds=[0] * len(prompts))
     assert [g.token_ids[:4] for g in on_vllm] == [g.token_ids[:4] for g in on_hf]

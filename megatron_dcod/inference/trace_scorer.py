@@ -19,8 +19,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from megatron_dcod.inference.models import DTYPES, load_causal_lm, output_vocab_size
+
 LOGITS_CHUNK_BYTES = 256 * 2**20  # fp32 log-softmax is done in sequence chunks of this size
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -41,30 +42,6 @@ class _BatchLogProbs:
     topk_logp: np.ndarray | None  # [b, s-1, k] float32
 
 
-def load_causal_lm(model_dir: str | Path, dtype: torch.dtype) -> torch.nn.Module:
-    """AutoModelForCausalLM from a local directory; ValueError naming the dir if it fails."""
-    from transformers import AutoModelForCausalLM
-
-    if not Path(model_dir).is_dir():
-        raise ValueError(f"scoring model dir {model_dir} does not exist")
-    if not Path(model_dir, "config.json").is_file():
-        raise ValueError(f"scoring model dir {model_dir} has no config.json")
-    try:
-        return AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=dtype, local_files_only=True
-        )
-    except Exception as error:  # transformers raises many types for unreadable weights
-        raise ValueError(f"cannot load a causal LM from {model_dir}: {error}") from error
-
-
-def output_vocab_size(model: torch.nn.Module) -> int:
-    """Size of the logits' last dimension (the LM head rows, else config.vocab_size)."""
-    head = model.get_output_embeddings()
-    if head is not None and getattr(head, "weight", None) is not None:
-        return head.weight.shape[0]
-    return model.config.vocab_size
-
-
 class CausalLMScorer:
     """Batched forward passes of a local HF causal LM, log-softmax in fp32."""
 
@@ -78,8 +55,8 @@ class CausalLMScorer:
         topk: int = 0,
         min_vocab_size: int | None = None,
     ):
-        if dtype not in DTYPES:
-            raise ValueError(f"scoring dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if dtype not in ("fp32", "bf16"):
+            raise ValueError(f"scoring dtype must be fp32 or bf16, got {dtype!r}")
         if batch_tokens < 1:
             raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
         self.model = load_causal_lm(model_dir, DTYPES[dtype]).to(device).eval()

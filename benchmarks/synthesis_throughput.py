@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""MOTAB synthesis throughput: step-synchronous batching vs one trajectory at a time.
+
+Both runs make the same trajectories (the per-trajectory seeds make them identical; the script
+checks it) from random tiny Llama models sharing a byte-level tokenizer: `--trajectories`
+prompts with one response each. The batched run advances them all together (one student
+generate and one teacher score per round); the sequential run has the structure of the MOTAB
+authors' loop: one trajectory at a time, one request per step and one per score.
+
+    python benchmarks/synthesis_throughput.py [--trajectories 16] [--device cpu] \
+        [--student-hidden 32 --teacher-hidden 64 --layers 2]
+
+Last line: JSON (trajectories_per_s, sequential_trajectories_per_s, speedup, breach_rate, ...).
+"""
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from megatron_dcod.data.tiny_tokenizer import train_tiny_tokenizer  # noqa: E402
+from megatron_dcod.synthesis.config import SynthesisConfig  # noqa: E402
+from megatron_dcod.synthesis.run import synthesize  # noqa: E402
+
+TEXTS = ["Compute 12 + 7. Step one.\n\nAdd 7: 12 + 7 = 19.\n\nThe answer is \\boxed{19}."] * 50
+
+
+def save_model(directory: Path, tokenizer: Path, vocab: int, hidden: int, layers: int, seed: int):
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=2048,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(directory)
+    for file in tokenizer.iterdir():
+        shutil.copy(file, directory)
+
+
+def timed_run(work: Path, name: str, args, live: int) -> tuple[float, dict, list]:
+    config = SynthesisConfig(
+        method="motab", prompts=(str(work / "prompts.jsonl"),), teacher=str(work / "teacher"),
+        student=str(work / "student"), out=str(work / f"{name}.jsonl"), responses_per_prompt=1,
+        max_step_tokens=args.max_step_tokens, max_tokens=args.max_tokens, step_stop=args.step_stop,
+        epsilon0=args.epsilon0, temperature=0.6, dtype="fp32", device=args.device,
+        max_live_trajectories=live, batch_size=live,
+    )  # fmt: skip
+    started = time.perf_counter()
+    summary = synthesize(config)
+    seconds = time.perf_counter() - started
+    return summary["seconds"], summary, [json.loads(line) for line in open(config.out)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trajectories", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--student-hidden", type=int, default=32)
+    parser.add_argument("--teacher-hidden", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--max-step-tokens", type=int, default=24)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--step-stop", default="e")
+    parser.add_argument("--epsilon0", type=float, default=0.05)
+    parser.add_argument("--work", type=Path, default=Path(tempfile.mkdtemp(prefix="synth_tput_")))
+    args = parser.parse_args()
+    work = args.work
+    tokenizer = train_tiny_tokenizer(TEXTS, work / "tokenizer", 320)
+    vocab = len(json.loads((tokenizer / "tokenizer.json").read_text())["model"]["vocab"]) + 3
+    save_model(work / "student", tokenizer, vocab, args.student_hidden, args.layers, seed=1)
+    save_model(work / "teacher", tokenizer, vocab, args.teacher_hidden, args.layers, seed=2)
+    with open(work / "prompts.jsonl", "w") as prompts:
+        for i in range(args.trajectories):
+            prompts.write(json.dumps({"question": f"Compute {i} + {2 * i + 1}."}) + "\n")
+    batched_s, summary, batched = timed_run(work, "batched", args, args.trajectories)
+    sequential_s, _, sequential = timed_run(work, "sequential", args, 1)
+    same = [r["response"] for r in batched] == [r["response"] for r in sequential]
+    tokens = sum(summary["tokens_by_source"].values())
+    result = {
+        "trajectories": args.trajectories,
+        "trajectories_per_s": args.trajectories / batched_s,
+        "sequential_trajectories_per_s": args.trajectories / sequential_s,
+        "speedup": sequential_s / batched_s,
+        "generated_tokens_per_s": tokens / batched_s,
+        "sequential_generated_tokens_per_s": tokens / sequential_s,
+        "breach_rate": summary["breach_rate"],
+        "identical_outputs": same,
+        "device": args.device,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

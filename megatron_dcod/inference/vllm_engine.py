@@ -1,0 +1,122 @@
+"""The vLLM engine: offline in-process `LLM` (continuous batching, paged KV cache) on GPUs.
+
+Generation passes stop strings with `include_stop_str_in_output=True` (the text keeps them) and
+one seed per request. Scoring asks for the prompt's own log-probs (`prompt_logprobs`) on
+context + continuation and for the top-k of one further token (`logprobs=k`, `max_tokens=1`) at
+temperature 1 with no top-p/top-k, so both are the model's raw distribution. Prefix caching is
+on: the step loops resend the same growing contexts every round.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from megatron_dcod.inference.engine import Generation, SamplingConfig, Score
+
+VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+class VLLMEngine:
+    """Generate and score with vLLM; `tensor_parallel_size` GPUs per model."""
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        dtype: str,
+        tensor_parallel_size: int = 1,
+        seed: int = 0,
+        gpu_memory_utilization: float | None = None,
+        enable_prefix_caching: bool = True,
+    ):
+        from vllm import LLM
+
+        memory = (
+            {}
+            if gpu_memory_utilization is None
+            else {"gpu_memory_utilization": gpu_memory_utilization}
+        )
+        self.llm = LLM(
+            model=str(model_dir),
+            dtype=VLLM_DTYPES[dtype],
+            tensor_parallel_size=tensor_parallel_size,
+            seed=seed,
+            generation_config="vllm",  # no sampling defaults inherited from the model
+            enable_prefix_caching=enable_prefix_caching,
+            **memory,
+        )
+
+    def generate(
+        self, contexts: Sequence[list[int]], sampling: SamplingConfig, seeds: Sequence[int]
+    ) -> list[Generation]:
+        from vllm import SamplingParams
+
+        stop = (
+            dict(stop=list(sampling.stop), include_stop_str_in_output=True) if sampling.stop else {}
+        )
+        params = [
+            SamplingParams(
+                n=1,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
+                top_k=-1,
+                max_tokens=sampling.max_new_tokens,
+                seed=seed,
+                **stop,
+            )
+            for seed in seeds
+        ]
+        return [_generation(output) for output in self._run(contexts, params)]
+
+    def score(self, requests: Sequence[tuple[list[int], list[int]]], topk: int) -> list[Score]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            n=1,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=-1,
+            max_tokens=1,
+            prompt_logprobs=1,  # the actual token's entry is always there, in the top-1 or not
+            logprobs=max(topk, 1),
+        )
+        outputs = self._run([context + continuation for context, continuation in requests], params)
+        return [
+            _score(output, len(context), continuation, topk)
+            for output, (context, continuation) in zip(outputs, requests)
+        ]
+
+    def _run(self, sequences: Sequence[list[int]], params) -> list:
+        inputs = [{"prompt_token_ids": list(ids)} for ids in sequences]
+        return self.llm.generate(inputs, params, use_tqdm=False)
+
+
+def _generation(output) -> Generation:
+    completion = output.outputs[0]
+    ids = list(completion.token_ids)
+    if completion.finish_reason == "length":
+        return Generation(completion.text, ids, "length")
+    if isinstance(completion.stop_reason, str):  # a stop string, kept in the text
+        return Generation(completion.text, ids, "stop")
+    if ids:
+        ids = ids[:-1]  # stopped by EOS, which vLLM keeps in the ids (not in the text)
+    return Generation(completion.text, ids, "eos")
+
+
+def _score(output, context_length: int, continuation: list[int], topk: int) -> Score:
+    """Read one RequestOutput: prompt_logprobs[i] is {token id: Logprob} for prompt token i."""
+    entries = output.prompt_logprobs[context_length:]
+    try:
+        logprobs = [entry[token].logprob for entry, token in zip(entries, continuation)]
+    except (KeyError, TypeError) as error:
+        return Score(error=f"vLLM returned no log-prob for a continuation token: {error!r}")
+    score = Score(logprobs)
+    if topk:
+        next_token = output.outputs[0].logprobs[0]  # {id: Logprob}: the top-k and the sample
+        ranked = sorted(next_token.items(), key=lambda item: item[1].rank)[:topk]
+        score.next_topk_ids = [token for token, _ in ranked]
+        score.next_topk_logprobs = [entry.logprob for _, entry in ranked]
+    return score

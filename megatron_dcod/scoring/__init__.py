@@ -1,1 +1,0 @@
-"""Teacher and reference log-prob scoring with HF causal LMs."""
