@@ -3,11 +3,12 @@
 
 Both runs make the same trajectories (the per-trajectory seeds make them identical; the script
 checks it) from random tiny Llama models sharing a byte-level tokenizer: `--trajectories`
-prompts with one response each. The batched run advances them all together (one student
-generate and one teacher score per round); the sequential run has the structure of the MOTAB
-authors' loop: one trajectory at a time, one request per step and one per score.
+prompts with one response each. The batched run advances `--live` of them together (one student
+generate and one teacher score per round, refilled from the prompts as trajectories finish);
+the sequential run has the structure of the MOTAB authors' loop: one trajectory at a time, one
+request per step and one per score.
 
-    python benchmarks/synthesis_throughput.py [--trajectories 16] [--device cpu] \
+    python benchmarks/synthesis_throughput.py [--trajectories 64 --live 16] [--device cpu] \
         [--student-hidden 32 --teacher-hidden 64 --layers 2]
 
 Last line: JSON (trajectories_per_s, sequential_trajectories_per_s, speedup, breach_rate, ...).
@@ -18,7 +19,6 @@ import json
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from megatron_dcod.data.tiny_tokenizer import train_tiny_tokenizer  # noqa: E402
+from megatron_dcod.synthesis.cli import unescaped  # noqa: E402
 from megatron_dcod.synthesis.config import SynthesisConfig  # noqa: E402
 from megatron_dcod.synthesis.run import synthesize  # noqa: E402
 
@@ -49,27 +50,27 @@ def timed_run(work: Path, name: str, args, live: int) -> tuple[float, dict, list
     config = SynthesisConfig(
         method="motab", prompts=(str(work / "prompts.jsonl"),), teacher=str(work / "teacher"),
         student=str(work / "student"), out=str(work / f"{name}.jsonl"), responses_per_prompt=1,
-        max_step_tokens=args.max_step_tokens, max_tokens=args.max_tokens, step_stop=args.step_stop,
+        max_step_tokens=args.max_step_tokens, max_tokens=args.max_tokens,
+        step_stop=tuple(args.step_stop),
         epsilon0=args.epsilon0, temperature=0.6, dtype="fp32", device=args.device,
         max_live_trajectories=live, batch_size=live,
     )  # fmt: skip
-    started = time.perf_counter()
-    summary = synthesize(config)
-    seconds = time.perf_counter() - started
+    summary = synthesize(config)  # its `seconds` leave out model loading
     return summary["seconds"], summary, [json.loads(line) for line in open(config.out)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trajectories", type=int, default=16)
+    parser.add_argument("--trajectories", type=int, default=64, help="prompts, one response each")
+    parser.add_argument("--live", type=int, default=16, help="trajectories advanced together")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--student-hidden", type=int, default=32)
     parser.add_argument("--teacher-hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--max-step-tokens", type=int, default=24)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--step-stop", default="e")
-    parser.add_argument("--epsilon0", type=float, default=0.05)
+    parser.add_argument("--step-stop", nargs="+", default=["e"], type=unescaped)
+    parser.add_argument("--epsilon0", type=float, default=0.06, help="0.06: about half breach")
     parser.add_argument("--work", type=Path, default=Path(tempfile.mkdtemp(prefix="synth_tput_")))
     args = parser.parse_args()
     work = args.work
@@ -80,12 +81,13 @@ def main() -> None:
     with open(work / "prompts.jsonl", "w") as prompts:
         for i in range(args.trajectories):
             prompts.write(json.dumps({"question": f"Compute {i} + {2 * i + 1}."}) + "\n")
-    batched_s, summary, batched = timed_run(work, "batched", args, args.trajectories)
+    batched_s, summary, batched = timed_run(work, "batched", args, args.live)
     sequential_s, _, sequential = timed_run(work, "sequential", args, 1)
     same = [r["response"] for r in batched] == [r["response"] for r in sequential]
-    tokens = sum(summary["tokens_by_source"].values())
+    tokens = sum(summary["generated_tokens_by_source"].values())
     result = {
         "trajectories": args.trajectories,
+        "live_trajectories": args.live,
         "trajectories_per_s": args.trajectories / batched_s,
         "sequential_trajectories_per_s": args.trajectories / sequential_s,
         "speedup": sequential_s / batched_s,

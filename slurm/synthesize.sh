@@ -4,12 +4,14 @@
 #
 #   PROMPTS="prompts/*.jsonl" TEACHER=models/Qwen3-32B STUDENT=models/Qwen3-4B METHOD=motab \
 #       sbatch --array=0-15 slurm/synthesize.sh          # shard I of 16 per array task
-#   MODE=merge SHARDS=16 sbatch slurm/synthesize.sh      # after all tasks: one file
+#   MODE=merge SHARDS=16 sbatch --gpus-per-node=0 --time=00:30:00 slurm/synthesize.sh
+#                                                       # after all tasks: one file, no GPU
 #   DRY_RUN=1 bash slurm/synthesize.sh                   # print the command
 #
 # Each task writes ${OUT_DIR}/part-I-of-N.jsonl; a requeued or rerun task resumes it (finished
 # prompts are kept). vLLM runs the student and the teacher in one process on the task's GPUs:
-# the teacher with TEACHER_TP GPUs; the memory fractions split them when they share GPUs.
+# the teacher with TEACHER_TP GPUs, the student with STUDENT_TP (both from GPU 0 on), so the
+# memory fractions split the GPUs they share; set TEACHER_TP to the GPUs a task has.
 #
 #SBATCH --job-name=dcod-synthesize
 #SBATCH --nodes=1

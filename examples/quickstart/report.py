@@ -39,10 +39,21 @@ def last(curves: dict, tag: str) -> float | None:
     return curves[tag][-1][1] if curves.get(tag) else None
 
 
-def side_by_side(out: Path, models: dict[str, Path], methods, plot: Path | None) -> str:
+LABELS = {"motab_sft": "MOTAB (SFT)"}
+"""Table names of the students that are not named after their weighting alone."""
+
+
+def label(method: str) -> str:
+    """The table row of a trained student: `sft` → SFT, `motab_sft` → MOTAB (SFT)."""
+    return LABELS.get(method, method.upper())
+
+
+def side_by_side(
+    out: Path, models: dict[str, Path], methods, plot: Path | None, notes: tuple[str, ...] = ()
+) -> str:
     """A markdown table, one row per evaluated model; the trained ones with their training
-    figures (last logged values). Also writes it to `out/results.md` and the plot."""
-    runs = {name.upper(): scalars(out / "checkpoints" / name / "tensorboard") for name in methods}
+    figures (last logged values), then `notes`. Also writes it to `out/results.md` and the plot."""
+    runs = {label(name): scalars(out / "checkpoints" / name / "tensorboard") for name in methods}
     rows = []
     for name, model_dir in models.items():
         summary = json.loads((out / "eval" / model_dir.name / "summary.json").read_text())
@@ -61,6 +72,7 @@ def side_by_side(out: Path, models: dict[str, Path], methods, plot: Path | None)
         "held-out teacher traces at the end; w: the training weights over the last log "
         "interval (w = 1 without DCOD); Δ = log π_θ − log π_T."
     )
+    table += "".join(f"\n{note}" for note in notes)
     (out / "results.md").write_text(table + "\n")
     if plot is not None:
         plot_curves(runs, plot)

@@ -8,6 +8,9 @@
                  (the fields a vLLM teacher returns); correct ones are kept, as in rejection
                  sampling; held-out problems are written for evaluation
   5. preprocess  tools/preprocess_traces.py → a trace dataset
+     MOTAB       tools/synthesize_traces.py --method motab: the student writes step by step,
+                 the teacher monitors and takes over after a breach; preprocessed with the
+                 teacher's log-probs (--score-with), trained with SFT as the MOTAB paper does
   6. import      tools/convert_checkpoint.py import-hf: the student → Megatron at TP=2
   7. train       python -m megatron_dcod.train on 2 CPU processes at TP=2, once with SFT
                  weights and once with DCOD weights, from the same student
@@ -49,10 +52,18 @@ METHODS = {
     "dcod_kl": ["--dcod-weighting", "dcod", "--dcod-base-loss", "kl"],
     "todi": ["--dcod-weighting", "sft", "--dcod-base-loss", "todi"],
     "dcod_todi": ["--dcod-weighting", "dcod", "--dcod-base-loss", "todi"],
+    "motab_sft": ["--dcod-weighting", "sft"],
+    "motab_dcod": ["--dcod-weighting", "dcod"],
 }
 """Students that can be trained from the same start (`--methods`): flags added to the training
-command. The top-k losses use the teacher's stored top-4."""
-DEFAULT_METHODS = ("sft", "dcod")
+command. The top-k losses use the teacher's stored top-4; `motab_*` train on the MOTAB traces."""
+DEFAULT_METHODS = ("sft", "dcod", "motab_sft")
+MOTAB_PROMPTS = 400
+"""Trace problems the MOTAB traces are synthesized from (one trajectory each)."""
+MOTAB_FLAGS = ["--responses-per-prompt", "1", "--step-stop", ", ", ".\\n", "--max-step-tokens",
+               "96", "--max-tokens", "96", "--dtype", "fp32", "--answer-field", "answer"]  # fmt: skip
+"""A step is a clause of the student's style ("plus 5 gives 13, ") or a line of the teacher's
+("Step 1: 8 + 5 = 13.\n"), which the student writes one time in five."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,14 @@ class Paths:
     def traces(self) -> Path:
         """Prefix of the trace dataset."""
         return self.out / "data" / "traces"
+
+    @property
+    def motab(self) -> Path:
+        """Prefix of the MOTAB trace dataset (records: motab.jsonl next to it)."""
+        return self.out / "data" / "motab"
+
+    def dataset(self, method: str) -> Path:
+        return self.motab if method.startswith("motab") else self.traces
 
     @property
     def student_init(self) -> Path:
@@ -135,8 +154,10 @@ def main() -> None:
     if unknown:
         parser.error(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
     methods = {name: METHODS[name] for name in args.methods.split(",")}
-    # tokenizer, models, traces, preprocess, import, train and export each method, evaluate
-    stage_count = 1 + len(MODEL_SIZES) + 3 + 2 * len(methods) + 1
+    motab = any(method.startswith("motab") for method in methods)
+    # tokenizer, models, traces, preprocess, (MOTAB: synthesize, preprocess), import, train and
+    # export each method, evaluate
+    stage_count = 1 + len(MODEL_SIZES) + 3 + 2 * motab + 2 * len(methods) + 1
     paths, stage = Paths(args.out.resolve()), Stages(total=stage_count)
     problems = task_problems()
     if stage("tokenizer: byte-level BPE trained on the task's text", paths.tokenizer.exists()):
@@ -155,34 +176,72 @@ def main() -> None:
                  "--output-prefix", paths.traces, "--tokenizer", paths.tokenizer,
                  "--workers", "2", "--max-seq-length", "256"))  # fmt: skip
         run(tool("inspect_traces.py", paths.traces, "--index", "0", "--max-rows", "40"))
+    if motab:
+        synthesize_motab(paths, stage)
     if stage(f"import the student to Megatron at TP={TP}", paths.student_init.exists()):
         run(tool("convert_checkpoint.py", "import-hf", "--hf-dir", paths.model("student"),
                  "--out", paths.student_init, "--tensor-model-parallel-size", TP))  # fmt: skip
     for method, flags in methods.items():
         done = report.latest_iteration(paths.checkpoints(method)) == args.train_iters
-        if stage(f"train the {method.upper()} student, {args.train_iters} steps, TP={TP}", done):
+        title = f"train the {report.label(method)} student, {args.train_iters} steps, TP={TP}"
+        if stage(title, done):
             run(train_command(paths, method, args.train_iters) + flags)
     for method in methods:
-        if stage(f"export the {method.upper()} student to HF", is_hf_dir(paths.model(method))):
+        if stage(
+            f"export the {report.label(method)} student to HF", is_hf_dir(paths.model(method))
+        ):
             run(tool("convert_checkpoint.py", "export-hf", "--ckpt", paths.checkpoints(method),
                      "--hf-template", paths.model("student"),
                      "--out", paths.model(method)))  # fmt: skip
     stage(f"evaluate the {2 + len(methods)} models on the held-out problems")
     models = evaluate(paths, methods)
-    print("\n" + report.side_by_side(paths.out, models, methods, plot=paths.out / "curves.png"))
+    notes = (motab_note(paths),) if motab else ()
+    table = report.side_by_side(paths.out, models, methods, paths.out / "curves.png", notes)
+    print("\n" + table)
     print(f"\nquickstart finished in {stage.minutes():.1f} min; everything is in {paths.out}")
 
 
 def evaluate(paths: Paths, methods) -> dict[str, Path]:
     """tools/eval_math.py on the held-out problems (greedy); returns {table name: model dir}."""
     models = {"teacher": paths.model("teacher"), "student (before)": paths.model("student")}
-    models |= {method.upper(): paths.model(method) for method in methods}
+    models |= {report.label(method): paths.model(method) for method in methods}
     for model_dir in models.values():
         run(tool("eval_math.py", "--model", model_dir, "--benchmark", "custom",
                  "--data", paths.data / "heldout.jsonl", "--prompt-template", "{problem}",
                  "--max-new-tokens", "96", "--batch-size", "50",
                  "--out", paths.out / "eval" / model_dir.name))  # fmt: skip
     return models
+
+
+def synthesize_motab(paths: Paths, stage: Stages) -> None:
+    """MOTAB traces from the first trace problems, then a dataset with the teacher's log-probs."""
+    records = paths.motab.with_suffix(".jsonl")
+    summary = Path(f"{records}.summary.json")
+    done = summary.exists() and json.loads(summary.read_text())["complete"]
+    if stage("MOTAB traces: student steps monitored by the teacher", done):
+        prompts = paths.data / "motab_prompts.jsonl"
+        problems = task_problems()["traces"][:MOTAB_PROMPTS]
+        write_jsonl(prompts, [{"problem": p.text, "answer": str(p.answer)} for p in problems])
+        run(tool("synthesize_traces.py", "--method", "motab", "--prompts", prompts,
+                 "--teacher", paths.model("teacher"), "--student", paths.model("student"),
+                 "--out", records, *MOTAB_FLAGS))  # fmt: skip
+    if stage("preprocess the MOTAB traces, teacher log-probs from the teacher",
+             paths.motab.with_suffix(".meta.json").exists()):  # fmt: skip
+        run(tool("preprocess_traces.py", "--input", records, "--output-prefix", paths.motab,
+                 "--tokenizer", paths.tokenizer, "--workers", "2", "--max-seq-length", "256",
+                 "--score-with", paths.model("teacher")))  # fmt: skip
+
+
+def motab_note(paths: Paths) -> str:
+    summary = json.loads(Path(f"{paths.motab.with_suffix('.jsonl')}.summary.json").read_text())
+    tokens = summary["generated_tokens_by_source"]
+    teacher_share = tokens["teacher"] / max(1, tokens["teacher"] + tokens["student"])
+    return (
+        f"MOTAB traces: {summary['trajectories']} trajectories, breach rate "
+        f"{summary['breach_rate']:.0%} (mean t* {summary['mean_t_star'] or 0:.1f}), "
+        f"{teacher_share:.0%} of the generated tokens the teacher's, final answer right in "
+        f"{summary['accuracy']:.0%}."
+    )
 
 
 def make_tokenizer(problems: list[arithmetic.Problem], out_dir: Path) -> None:
@@ -276,7 +335,7 @@ def train_command(paths: Paths, method: str, iters: int) -> list:
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
         "-m", "megatron_dcod.train",
         "--hf-config", paths.model("student"), "--dcod-tokenizer", paths.tokenizer,
-        "--data-path", paths.traces, "--split", "95,5,0", "--tensor-model-parallel-size", TP,
+        "--data-path", paths.dataset(method), "--split", "95,5,0", "--tensor-model-parallel-size", TP,
         "--seq-length", "256", "--micro-batch-size", "4", "--global-batch-size", "8",
         "--train-iters", iters, "--lr", "1e-3", "--lr-decay-style", "cosine",
         "--lr-warmup-iters", "10", "--min-lr", "1e-4", "--weight-decay", "0.01",

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence, TypeVar
 
 import torch
 
 FINISH_REASONS = ("stop", "eos", "length")
+Result = TypeVar("Result")
 
 
 @dataclass(frozen=True)
@@ -76,9 +77,14 @@ class Engine(Protocol):
     name: str
 
     def generate(
-        self, contexts: Sequence[list[int]], sampling: SamplingConfig, seeds: Sequence[int]
+        self,
+        contexts: Sequence[list[int]],
+        sampling: SamplingConfig,
+        seeds: Sequence[int],
+        max_new_tokens: Sequence[int] | None = None,
     ) -> list[Generation]:
-        """One generation per context; seeds[i] seeds context i where the backend can."""
+        """One generation per context; seeds[i] seeds context i where the backend can;
+        max_new_tokens[i], when given, replaces sampling.max_new_tokens for context i."""
 
     def score(self, requests: Sequence[tuple[list[int], list[int]]], topk: int) -> list[Score]:
         """One score per (context, continuation); topk=0 skips the next-token top-k."""
@@ -100,3 +106,60 @@ def end_at_stop(text: str, stop: Sequence[str]) -> str | None:
     """`text` cut just after the first stop string it contains; None when it has none."""
     ends = [text.find(string) + len(string) for string in stop if string and string in text]
     return text[: min(ends)] if ends else None
+
+
+def run_isolated(
+    batches: list[list[int]],
+    count: int,
+    invalid: Callable[[int], str | None],
+    run: Callable[[list[int]], list[Result]],
+    failed: Callable[[str], Result],
+) -> list[Result]:
+    """Run each batch of request indices; a batch that fails is split in halves until the
+    failing requests stand alone, so that only they fail. `invalid(i)` rejects a request
+    before any work."""
+    results: list[Result | None] = [None] * count
+    for batch in batches:
+        for index in batch:
+            reason = invalid(index)
+            if reason is not None:
+                results[index] = failed(reason)
+        todo = [index for index in batch if results[index] is None]
+        for index, result in zip(todo, _run_or_split(todo, run, failed)):
+            results[index] = result
+    return results
+
+
+def _run_or_split(batch: list[int], run, failed) -> list:
+    if not batch:
+        return []
+    try:
+        return run(batch)
+    except Exception as error:  # OOM, NaN logits, a rejected request: bisect
+        if len(batch) == 1:
+            return [failed(f"{error!r}"[:500])]
+        half = len(batch) // 2
+        return _run_or_split(batch[:half], run, failed) + _run_or_split(batch[half:], run, failed)
+
+
+def failed_generation(reason: str) -> Generation:
+    return Generation("", error=f"generation failed: {reason}")
+
+
+def failed_score(reason: str) -> Score:
+    return Score(error=f"scoring failed: {reason}")
+
+
+def length_sorted_batches(
+    indices: Sequence[int], lengths: Sequence[int], max_rows: int, max_tokens: int
+) -> list[list[int]]:
+    """`indices` longest first, grouped so that rows ≤ max_rows and rows × longest length ≤
+    max_tokens (similar lengths share a batch; one request over the budget still forms one)."""
+    batches, current = [], []
+    for index in sorted(indices, key=lambda i: -lengths[i]):
+        longest = lengths[current[0]] if current else lengths[index]
+        if current and (len(current) >= max_rows or (len(current) + 1) * longest > max_tokens):
+            batches.append(current)
+            current = []
+        current.append(index)
+    return batches + ([current] if current else [])

@@ -8,16 +8,18 @@ one-at-a-time run. Contexts are sorted by length so that similar lengths share a
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Sequence
 
 import torch
 
 from megatron_dcod.inference.engine import Generation, SamplingConfig, Score, end_at_stop
+from megatron_dcod.inference.engine import failed_generation, failed_score
+from megatron_dcod.inference.engine import length_sorted_batches, run_isolated
 from megatron_dcod.inference.models import DTYPES, context_length, load_causal_lm
 from megatron_dcod.inference.models import stop_token_ids
 
-Result = TypeVar("Result")
 STOP_WINDOW_SLACK = 4  # tokens decoded beyond a stop string's length when looking for it
 
 
@@ -44,10 +46,20 @@ class HFEngine:
         self.pad_id = tokenizer.eos_token_id if pad_id is None else pad_id
         self.stop_ids = stop_token_ids(self.model.generation_config, tokenizer)
         self.context = context_length(self.model)
+        self._pieces: dict[int, str] = {}  # token id -> its text alone (stop-string filter)
+        parameters = inspect.signature(self.model.forward).parameters
+        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        """transformers ≥ 5.2x names the KV cache `cache`; earlier releases `past_key_values`."""
 
     def generate(
-        self, contexts: Sequence[list[int]], sampling: SamplingConfig, seeds: Sequence[int]
+        self,
+        contexts: Sequence[list[int]],
+        sampling: SamplingConfig,
+        seeds: Sequence[int],
+        max_new_tokens: Sequence[int] | None = None,
     ) -> list[Generation]:
+        limits = max_new_tokens or [sampling.max_new_tokens] * len(contexts)
+
         def too_long(i: int) -> str | None:
             if len(contexts[i]) >= self.context:
                 return f"context of {len(contexts[i])} tokens fills the model's ({self.context})"
@@ -55,12 +67,13 @@ class HFEngine:
 
         def run(batch: list[int]) -> list[Generation]:
             return self._decode_batch(
-                [contexts[i] for i in batch], sampling, [seeds[i] for i in batch]
-            )
+                [contexts[i] for i in batch], sampling, [seeds[i] for i in batch],
+                [limits[i] for i in batch],
+            )  # fmt: skip
 
         lengths = [len(context) for context in contexts]
-        batches = _batches(lengths, self.batch_size, 2**62)
-        return _run_isolated(batches, len(contexts), too_long, run, _failed_generation)
+        batches = length_sorted_batches(range(len(lengths)), lengths, self.batch_size, 2**62)
+        return run_isolated(batches, len(contexts), too_long, run, failed_generation)
 
     def score(self, requests: Sequence[tuple[list[int], list[int]]], topk: int) -> list[Score]:
         def invalid(i: int) -> str | None:
@@ -76,15 +89,15 @@ class HFEngine:
             return self._score_batch([requests[i] for i in batch], topk)
 
         lengths = [len(context) + len(continuation) for context, continuation in requests]
-        batches = _batches(lengths, 2**62, self.batch_tokens)
-        return _run_isolated(batches, len(requests), invalid, run, _failed_score)
+        batches = length_sorted_batches(range(len(lengths)), lengths, 2**62, self.batch_tokens)
+        return run_isolated(batches, len(requests), invalid, run, failed_score)
 
     @torch.inference_mode()
     def _decode_batch(
-        self, contexts: list[list[int]], sampling: SamplingConfig, seeds: list[int]
+        self, contexts: list[list[int]], sampling: SamplingConfig, seeds: list[int], limits
     ) -> list[Generation]:
         input_ids, attention_mask = _left_padded(contexts, self.pad_id)  # [b, s] each
-        limits = [min(sampling.max_new_tokens, self.context - len(ids)) for ids in contexts]
+        limits = [min(limit, self.context - len(ids)) for limit, ids in zip(limits, contexts)]
         generators = [torch.Generator(self.device).manual_seed(seed) for seed in seeds]
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [b, s]
         new_ids: list[list[int]] = [[] for _ in contexts]
@@ -95,11 +108,11 @@ class HFEngine:
                 input_ids=inputs.to(self.device),
                 attention_mask=attention_mask.to(self.device),
                 position_ids=positions.to(self.device),
-                cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **{self._cache_argument: cache},
             )
-            cache = output.cache
+            cache = getattr(output, self._cache_argument)
             chosen = _next_tokens(output.logits[:, -1].float(), sampling, generators)  # [b]
             for row, token in enumerate(chosen):
                 if finish[row] is None:
@@ -118,12 +131,23 @@ class HFEngine:
         if token in self.stop_ids:
             return "eos"
         ids.append(token)
-        if stop:
+        if stop and self._may_end_a_stop_string(token, stop):
             window = max(len(string) for string in stop) + STOP_WINDOW_SLACK
             tail = self.tokenizer.decode(ids[-window:], skip_special_tokens=True)
             if any(string and string in tail for string in stop):
                 return "stop"
         return None
+
+    def _may_end_a_stop_string(self, token: int, stop: tuple[str, ...]) -> bool:
+        """False when the token cannot complete a stop string: its text lacks every stop
+        string's last character (a partial UTF-8 byte, or a stop ending in whitespace, which
+        some tokenizers drop from a lone token's text, always counts as possible)."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self.tokenizer.decode([token])
+        return "\ufffd" in piece or any(
+            string and (string[-1] in piece or string[-1].isspace()) for string in stop
+        )
 
     def _generation(self, ids: list[int], reason: str, stop: tuple[str, ...]) -> Generation:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -146,6 +170,9 @@ class HFEngine:
             predicting = logits[row, keep - len(continuation) - 1 :].float()  # [c+1, v]
             logp = torch.log_softmax(predicting, dim=-1)  # [c+1, v]
             targets = torch.tensor(continuation, dtype=torch.long, device=logp.device)
+            if not torch.isfinite(logp).all():
+                scores.append(Score(error="scoring failed: non-finite logits"))
+                continue
             score = Score(logp[:-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1).tolist())
             if topk:
                 values, ids = logp[-1].topk(topk)  # [k], sorted descending
@@ -166,7 +193,10 @@ def _left_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor,
 
 
 def _next_tokens(logits: torch.Tensor, sampling: SamplingConfig, generators) -> list[int]:
-    """Greedy, or temperature + top-p sampling with each row's own generator; logits [b, v]."""
+    """Greedy, or temperature + top-p sampling by inverse CDF with one uniform draw from each
+    row's own generator (so a row's tokens do not depend on its batch); logits [b, v]."""
+    if not torch.isfinite(logits).all():  # the failing rows are then isolated and reported
+        raise ValueError("non-finite logits")
     if sampling.temperature == 0:
         return logits.argmax(dim=-1).tolist()
     probs = torch.softmax(logits / sampling.temperature, dim=-1)  # [b, v]
@@ -174,58 +204,10 @@ def _next_tokens(logits: torch.Tensor, sampling: SamplingConfig, generators) -> 
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > sampling.top_p  # the first stays
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0))
-    return [
-        int(torch.multinomial(row, 1, generator=generator))
-        for row, generator in zip(probs, generators)
-    ]
-
-
-def _batches(lengths: list[int], max_rows: int, max_tokens: int) -> list[list[int]]:
-    """Indices longest first, grouped so rows ≤ max_rows and rows × longest ≤ max_tokens."""
-    batches, current = [], []
-    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        longest = lengths[current[0]] if current else lengths[index]
-        if current and (len(current) >= max_rows or (len(current) + 1) * longest > max_tokens):
-            batches.append(current)
-            current = []
-        current.append(index)  # one request over the token budget still forms a batch
-    return batches + ([current] if current else [])
-
-
-def _run_isolated(
-    batches: list[list[int]],
-    count: int,
-    invalid: Callable[[int], str | None],
-    run: Callable[[list[int]], list[Result]],
-    failed: Callable[[str], Result],
-) -> list[Result]:
-    """Run each batch; after a failure each request alone, so only failing ones fail."""
-    results: list[Result | None] = [None] * count
-    for batch in batches:
-        for index in batch:
-            reason = invalid(index)
-            if reason is not None:
-                results[index] = failed(reason)
-        todo = [index for index in batch if results[index] is None]
-        for index, result in zip(todo, _run_or_split(todo, run, failed)):
-            results[index] = result
-    return results
-
-
-def _run_or_split(batch, run, failed) -> list:
-    if not batch:
-        return []
-    try:
-        return run(batch)
-    except Exception as error:  # OOM, NaN logits, ...: retry alone to isolate the culprit
-        if len(batch) == 1:
-            return [failed(f"{error!r}"[:500])]
-        return [_run_or_split([index], run, failed)[0] for index in batch]
-
-
-def _failed_generation(reason: str) -> Generation:
-    return Generation("", error=f"generation failed: {reason}")
-
-
-def _failed_score(reason: str) -> Score:
-    return Score(error=f"scoring failed: {reason}")
+    cdf = probs.cumsum(dim=-1)  # [b, v]
+    uniforms = torch.stack(
+        [torch.rand((), generator=g, device=probs.device) for g in generators]
+    )  # [b]
+    targets = (uniforms * cdf[:, -1]).unsqueeze(-1)  # [b, 1]
+    chosen = torch.searchsorted(cdf, targets, right=True).squeeze(-1)  # skips zero-mass ids
+    return chosen.clamp(max=probs.shape[-1] - 1).tolist()

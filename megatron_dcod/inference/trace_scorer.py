@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from megatron_dcod.inference.engine import length_sorted_batches
 from megatron_dcod.inference.models import DTYPES, load_causal_lm, output_vocab_size
 
 LOGITS_CHUNK_BYTES = 256 * 2**20  # fp32 log-softmax is done in sequence chunks of this size
@@ -77,7 +78,7 @@ class CausalLMScorer:
         lengths = [len(tokens) for tokens, _ in traces]
         results = [self._empty_trace() for _ in traces]  # kept as is for 0-token traces
         nonempty = [index for index, length in enumerate(lengths) if length > 0]
-        for batch in self._length_sorted_batches(nonempty, lengths):
+        for batch in length_sorted_batches(nonempty, lengths, 2**62, self.batch_tokens):
             batch_logp = self._score_batch([traces[index][0] for index in batch])
             for row, index in enumerate(batch):
                 loss_mask = traces[index][1]
@@ -103,17 +104,6 @@ class CausalLMScorer:
                 f"token ids span [{tokens.min()}, {tokens.max()}], outside the scoring model's "
                 f"vocabulary of {self.vocab_size}"
             )
-
-    def _length_sorted_batches(self, indices: list[int], lengths: list[int]) -> list[list[int]]:
-        """Indices grouped longest first so that batch size × longest length ≤ batch_tokens."""
-        batches, current = [], []
-        for index in sorted(indices, key=lambda i: lengths[i], reverse=True):
-            longest = lengths[current[0]] if current else lengths[index]
-            if current and (len(current) + 1) * longest > self.batch_tokens:
-                batches.append(current)
-                current = []
-            current.append(index)  # a trace over the budget on its own still forms a batch
-        return batches + ([current] if current else [])
 
     @torch.inference_mode()
     def _score_batch(self, batch_tokens: list[np.ndarray]) -> _BatchLogProbs:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from megatron_dcod.inference.engine import Generation, SamplingConfig, Score
+from megatron_dcod.inference.engine import failed_generation, failed_score, run_isolated
 
 VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -31,6 +32,7 @@ class VLLMEngine:
         seed: int = 0,
         gpu_memory_utilization: float | None = None,
         enable_prefix_caching: bool = True,
+        max_logprobs: int = 20,
     ):
         from vllm import LLM
 
@@ -46,14 +48,25 @@ class VLLMEngine:
             seed=seed,
             generation_config="vllm",  # no sampling defaults inherited from the model
             enable_prefix_caching=enable_prefix_caching,
+            max_logprobs=max_logprobs,
             **memory,
         )
+        self.max_logprobs = max_logprobs
+        config = getattr(getattr(self.llm, "llm_engine", None), "model_config", None)
+        self.context = getattr(config, "max_model_len", None) or 2**31
+        self.stop_token_ids = _model_eos_ids(model_dir)
+        """EOS ids of the model's generation config, which `generation_config="vllm"` drops."""
 
     def generate(
-        self, contexts: Sequence[list[int]], sampling: SamplingConfig, seeds: Sequence[int]
+        self,
+        contexts: Sequence[list[int]],
+        sampling: SamplingConfig,
+        seeds: Sequence[int],
+        max_new_tokens: Sequence[int] | None = None,
     ) -> list[Generation]:
         from vllm import SamplingParams
 
+        limits = max_new_tokens or [sampling.max_new_tokens] * len(contexts)
         stop = (
             dict(stop=list(sampling.stop), include_stop_str_in_output=True) if sampling.stop else {}
         )
@@ -63,17 +76,34 @@ class VLLMEngine:
                 temperature=sampling.temperature,
                 top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
                 top_k=-1,
-                max_tokens=sampling.max_new_tokens,
+                max_tokens=limit,
                 seed=seed,
+                stop_token_ids=self.stop_token_ids,
                 **stop,
             )
-            for seed in seeds
+            for seed, limit in zip(seeds, limits)
         ]
-        return [_generation(output) for output in self._run(contexts, params)]
+
+        def run(batch: list[int]) -> list[Generation]:
+            outputs = self._run([contexts[i] for i in batch], [params[i] for i in batch])
+            return [_generation(output) for output in outputs]
+
+        def too_long(i: int) -> str | None:
+            if len(contexts[i]) >= self.context:
+                return f"context of {len(contexts[i])} tokens fills the model's ({self.context})"
+            return None
+
+        return run_isolated(
+            [list(range(len(contexts)))], len(contexts), too_long, run, failed_generation
+        )
 
     def score(self, requests: Sequence[tuple[list[int], list[int]]], topk: int) -> list[Score]:
         from vllm import SamplingParams
 
+        if topk > self.max_logprobs:
+            raise ValueError(
+                f"top-{topk} exceeds this vLLM engine's max_logprobs={self.max_logprobs}"
+            )
         params = SamplingParams(
             n=1,
             temperature=1.0,
@@ -83,15 +113,40 @@ class VLLMEngine:
             prompt_logprobs=1,  # the actual token's entry is always there, in the top-1 or not
             logprobs=max(topk, 1),
         )
-        outputs = self._run([context + continuation for context, continuation in requests], params)
-        return [
-            _score(output, len(context), continuation, topk)
-            for output, (context, continuation) in zip(outputs, requests)
-        ]
+
+        def run(batch: list[int]) -> list[Score]:
+            sequences = [requests[i][0] + requests[i][1] for i in batch]
+            outputs = self._run(sequences, [params] * len(batch))
+            return [
+                _score(output, len(requests[i][0]), requests[i][1], topk)
+                for output, i in zip(outputs, batch)
+            ]
+
+        def invalid(i: int) -> str | None:
+            total = len(requests[i][0]) + len(requests[i][1]) + 1  # + the next token
+            if not requests[i][0]:
+                return "empty context: the first continuation token has nothing to condition on"
+            return (
+                f"{total} tokens exceed the model's context ({self.context})"
+                if total > self.context
+                else None
+            )
+
+        return run_isolated([list(range(len(requests)))], len(requests), invalid, run, failed_score)
 
     def _run(self, sequences: Sequence[list[int]], params) -> list:
         inputs = [{"prompt_token_ids": list(ids)} for ids in sequences]
         return self.llm.generate(inputs, params, use_tqdm=False)
+
+
+def _model_eos_ids(model_dir: str | Path) -> list[int]:
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(str(model_dir), local_files_only=True).eos_token_id
+    except (OSError, ValueError):  # no generation_config.json: the tokenizer's EOS only
+        return []
+    return sorted(set(eos if isinstance(eos, list) else [] if eos is None else [eos]))
 
 
 def _generation(output) -> Generation:

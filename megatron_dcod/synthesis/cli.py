@@ -32,8 +32,8 @@ def add_synthesis_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         method.add_argument(
             "--" + name.replace("_", "-"), type=float, default=getattr(defaults, name)
         )
-    method.add_argument("--step-stop", default=defaults.step_stop, type=_unescaped)
-    method.add_argument("--revise-text", default=defaults.revise_text, type=_unescaped)
+    method.add_argument("--step-stop", nargs="+", default=list(defaults.step_stop), type=unescaped)
+    method.add_argument("--revise-text", default=defaults.revise_text, type=unescaped)
     method.add_argument("--seed", type=int, default=defaults.seed)
     engines = parser.add_argument_group("engines")
     engines.add_argument("--backend", choices=("auto", "hf", "vllm"), default=defaults.backend)
@@ -51,7 +51,7 @@ def add_synthesis_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 def synthesis_config_from_args(args: argparse.Namespace) -> SynthesisConfig:
     values = dict(vars(args))
-    values["prompts"] = tuple(values["prompts"])
+    values["prompts"], values["step_stop"] = tuple(values["prompts"]), tuple(values["step_stop"])
     values["shard"] = _shard(values["shard"])
     return SynthesisConfig(**values)
 
@@ -64,6 +64,6 @@ def _shard(text: str) -> tuple[int, int]:
     return index, count
 
 
-def _unescaped(text: str) -> str:
+def unescaped(text: str) -> str:
     r"""Shell-friendly escapes: --step-stop '.\n\n' means a period and two newlines."""
     return text.encode("latin-1", "backslashreplace").decode("unicode_escape")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 
 METHODS = ("teacher", "motab", "skd")
@@ -11,7 +12,7 @@ PROMPT_FIELDS = ("messages", "prompt", "problem", "question", "input")
 
 @dataclass(frozen=True)
 class SynthesisConfig:
-    """One synthesis run (docs/method.md, "Trace synthesis", for the knobs)."""
+    """One synthesis run (docs/synthesis.md describes the methods and their knobs)."""
 
     method: str
     """teacher: the teacher answers; motab: monitored student steps with backtracking; skd."""
@@ -43,8 +44,8 @@ class SynthesisConfig:
     """Sampling temperature of every generation (0: greedy)."""
     top_p: float = 1.0
     """Nucleus sampling mass (the authors set none: 1.0)."""
-    step_stop: str = ".\n\n"
-    """A step ends after this string (motab, skd); it stays in the step's text."""
+    step_stop: tuple[str, ...] = (".\n\n",)
+    """A step ends after any of these strings (motab, skd); it stays in the step's text."""
     max_step_tokens: int = 8192
     """Most tokens one step may take."""
     max_tokens: int = 32768
@@ -101,13 +102,12 @@ class SynthesisConfig:
         for name in ("responses_per_prompt", "max_step_tokens", "max_tokens", "entropy_topk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.method != "teacher" and not self.step_stop:
-            raise ValueError("--step-stop must not be empty")
+        if self.method != "teacher" and (not self.step_stop or not all(self.step_stop)):
+            raise ValueError("--step-stop needs non-empty strings")
 
     def output_settings(self) -> dict:
         """The settings the output depends on: a rerun at the same --out must repeat them."""
         ignored = {"out", "batch_size", "batch_tokens", "max_live_trajectories"}
         ignored |= {"teacher_gpu_memory_utilization", "student_gpu_memory_utilization"}
         settings = {k: v for k, v in asdict(self).items() if k not in ignored}
-        settings["prompts"], settings["shard"] = list(self.prompts), list(self.shard)
-        return settings
+        return json.loads(json.dumps(settings))  # tuples as lists, as a summary file holds them

@@ -10,7 +10,6 @@ and round, so a batched run equals a one-trajectory-at-a-time run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import groupby
 from typing import Callable, Sequence
 
 from megatron_dcod.inference.engine import Engine, Generation, SamplingConfig
@@ -24,7 +23,9 @@ class LanguageModel:
     """An engine and the tokenizer its contexts are written in."""
 
     engine: Engine
+    """Generates and scores token-id contexts."""
     tokenizer: object
+    """The model's HF tokenizer (contexts are kept in its tokens)."""
     raw_prompts: bool = False
     """Prompts are raw text: tokenize them with the tokenizer's special tokens (BOS)."""
 
@@ -38,8 +39,12 @@ class LanguageModel:
 
 @dataclass
 class Models:
+    """The models of a run."""
+
     teacher: LanguageModel
+    """Scores steps, writes continuations (MOTAB) and rewrites (SKD), or every answer."""
     student: LanguageModel | None = None
+    """Proposes the steps (motab, skd)."""
 
 
 def start(trajectory: Trajectory, models: Models) -> None:
@@ -64,15 +69,16 @@ def teacher_round(live: list[Trajectory], models: Models, config: SynthesisConfi
 
 
 def motab_round(live: list[Trajectory], models: Models, config: SynthesisConfig) -> None:
-    """MOTAB (docs/method.md, "MOTAB"): one monitored student step for every live trajectory.
+    """MOTAB (docs/synthesis.md): one monitored student step for every live trajectory.
 
-    Breached trajectories wait for their teacher continuation until they are at least half of
-    the live ones (or all), so that continuations, the longest generations, share batches."""
+    Breached trajectories wait for their teacher continuation until they fill half of
+    --max-live-trajectories (or nothing else is stepping), so that continuations, the longest
+    generations, share batches."""
     waiting = [t for t in live if t.breach]
     active = [t for t in live if not t.breach]
     _look_up_first_entropy([t for t in active if t.entropy is None], models, config)
     proposals = _propose_steps(active, models.student, config)
-    stepping = [(t, g) for t, g in zip(active, proposals) if not _ends_without_step(t, g)]
+    stepping = [(t, g) for t, g in zip(active, proposals) if not _end_if_no_step(t, g)]
     requests = [(t.teacher_ids, models.teacher.encode(g.text)) for t, g in stepping]
     scores = models.teacher.engine.score(requests, topk=config.entropy_topk)
     breached = []
@@ -82,6 +88,7 @@ def motab_round(live: list[Trajectory], models: Models, config: SynthesisConfig)
         step = Step(
             generation.text, "student", len(generation.token_ids), generation.finish_reason,
             value, boundary, trajectory.entropy, accepted=not monitor.is_breach(value, boundary),
+            score_error=score.error,
         )  # fmt: skip
         _record_step(trajectory, step, models, step_ids, extend=step.accepted)
         if not step.accepted:
@@ -95,14 +102,14 @@ def motab_round(live: list[Trajectory], models: Models, config: SynthesisConfig)
         trajectory.breach, trajectory.t_star = True, monitor.root_cause_step(values, boundaries)
     waiting += breached
     still_stepping = sum(not t.done and not t.breach for t in live)
-    if waiting and len(waiting) >= still_stepping:
+    if waiting and (2 * len(waiting) >= config.max_live_trajectories or not still_stepping):
         _continue_with_teacher(waiting, models, config)
 
 
 def skd_round(live: list[Trajectory], models: Models, config: SynthesisConfig) -> None:
     """SKD: the student proposes a step; the teacher keeps it (V_T > γ·V_S) or rewrites it."""
     proposals = _propose_steps(live, models.student, config)
-    stepping = [(t, g) for t, g in zip(live, proposals) if not _ends_without_step(t, g)]
+    stepping = [(t, g) for t, g in zip(live, proposals) if not _end_if_no_step(t, g)]
     teacher_scores = models.teacher.engine.score(
         [(t.teacher_ids, models.teacher.encode(g.text)) for t, g in stepping], topk=0
     )
@@ -111,13 +118,13 @@ def skd_round(live: list[Trajectory], models: Models, config: SynthesisConfig) -
     )
     steps = []
     for (trajectory, generation), teacher, student in zip(stepping, teacher_scores, student_scores):
-        teacher_value = _value_or_none(teacher)
-        student_value = _value_or_none(student)
+        teacher_value, student_value = monitor.step_value(teacher), monitor.step_value(student)
         accepted = monitor.skd_accepts(teacher_value, student_value, config.gamma)
         steps.append(
             Step(
                 generation.text, "student", len(generation.token_ids), generation.finish_reason,
                 teacher_value, None, None, student_value, accepted,
+                score_error=teacher.error or student.error,
             )  # fmt: skip
         )
     rejected = [(t, s) for (t, _), s in zip(stepping, steps) if not s.accepted]
@@ -168,23 +175,13 @@ def _teacher_steps(rejected: list[Trajectory], model: LanguageModel, config) -> 
 
 
 def _generate_by_limit(model, contexts, limits, seeds, config, stop=None) -> list[Generation]:
-    """Batched generations, one engine call per distinct max-new-tokens limit."""
-    stop = (config.step_stop,) if stop is None else stop
-    results: list[Generation | None] = [None] * len(contexts)
-    order = sorted(range(len(contexts)), key=lambda i: limits[i])
-    for limit, group in groupby(order, key=lambda i: limits[i]):
-        indices = list(group)
-        generations = model.engine.generate(
-            [contexts[i] for i in indices],
-            _sampling(config, limit, stop),
-            [seeds[i] for i in indices],
-        )
-        for index, generation in zip(indices, generations):
-            results[index] = generation
-    return results
+    """One batched generation, each context with its own max-new-tokens limit."""
+    stop = config.step_stop if stop is None else stop
+    sampling = _sampling(config, max(limits, default=1), stop)
+    return model.engine.generate(contexts, sampling, seeds, max_new_tokens=limits)
 
 
-def _ends_without_step(trajectory: Trajectory, generation: Generation) -> bool:
+def _end_if_no_step(trajectory: Trajectory, generation: Generation) -> bool:
     """A failed or empty proposal ends the trajectory (as the authors' loop does)."""
     trajectory.rounds += 1
     if generation.error is None and generation.text:

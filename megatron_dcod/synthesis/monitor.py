@@ -1,7 +1,7 @@
 """The decisions of MOTAB (arXiv 2605.19433) and SKD, one pure function per equation.
 
 Equation numbers are the MOTAB paper's. Where the authors' public code and the paper differ,
-the function follows the paper and its docstring says what the code does (docs/method.md).
+the function follows the paper and its docstring says what the code does (docs/synthesis.md).
 """
 
 from __future__ import annotations
@@ -78,9 +78,15 @@ def revise_connector(student_text: str, revise_text: str) -> str:
     return revise_text
 
 
+def step_value(score: Score) -> float | None:
+    """The geometric-mean probability of a scored step (Eq. 5); None when scoring failed."""
+    return None if score.error is not None or not score.logprobs else oracle_value(score.logprobs)
+
+
 def scored_value(score: Score) -> float:
     """V_T of a scored step, with MOTAB's fallback: a failed teacher score counts as safe."""
-    return 1.0 if score.error is not None or not score.logprobs else oracle_value(score.logprobs)
+    value = step_value(score)
+    return 1.0 if value is None else value
 
 
 def scored_entropy(score: Score) -> float:

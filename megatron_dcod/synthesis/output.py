@@ -19,7 +19,7 @@ from typing import Any
 from megatron_dcod.synthesis.config import SynthesisConfig
 
 COUNTS = ("trajectories", "kept", "failed", "breaches", "graded", "correct", "t_star_sum")
-COUNTS += ("tokens_student", "tokens_teacher", "tokens_inserted", "steps", "value_sum")
+COUNTS += ("tokens_student", "tokens_teacher", "steps", "value_sum", "failed_scores")
 
 
 class SynthesisOutput:
@@ -49,7 +49,7 @@ class SynthesisOutput:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for entry in _complete_lines(self.done_path):
             self.done.add(entry["prompt_index"])
-            self.totals.update({name: entry[name] for name in COUNTS})
+            self.totals.update({name: entry.get(name, 0) for name in COUNTS})
         _rewrite(self.done_path, [_json_line(e) for e in _complete_lines(self.done_path)])
         kept = [_json_line(r) for r in _complete_lines(self.path) if r["prompt_index"] in self.done]
         _rewrite(self.path, kept)
@@ -75,14 +75,15 @@ class SynthesisOutput:
             "complete": complete,
             "prompts_done": len(self.done),
             **{name: totals[name] for name in ("trajectories", "kept", "failed", "breaches")},
+            "failed_scores": totals["failed_scores"],
             "breach_rate": totals["breaches"] / trajectories if trajectories else None,
             "mean_t_star": (
                 totals["t_star_sum"] / totals["breaches"] if totals["breaches"] else None
             ),
             "mean_value": totals["value_sum"] / totals["steps"] if totals["steps"] else None,
             "accuracy": totals["correct"] / totals["graded"] if totals["graded"] else None,
-            "tokens_by_source": {
-                source: totals[f"tokens_{source}"] for source in ("student", "teacher", "inserted")
+            "generated_tokens_by_source": {
+                source: totals[f"tokens_{source}"] for source in ("student", "teacher")
             },
             **(extra or {}),
             "settings": self.settings,

@@ -10,6 +10,10 @@ from megatron_dcod.data.records import RecordLocation, iter_raw_records, loads_r
 from megatron_dcod.eval.benchmarks import answer_text
 from megatron_dcod.synthesis.config import PROMPT_FIELDS, SynthesisConfig
 
+OUTPUT_FIELDS = {"prompt", "response", "system", "messages", "segments", "method", "steps"}
+OUTPUT_FIELDS |= {"prompt_index", "response_index", "breach", "t_star", "grade", "teacher_failed"}
+"""Fields synthesis writes; a prompt record may hold the one its prompt comes from."""
+
 
 class PromptError(ValueError):
     """A prompt record that cannot be used; the message names its file and line."""
@@ -54,6 +58,12 @@ def _prompt(config, render, index: int, location: RecordLocation, payload: Any) 
     if field is None:
         raise PromptError(f"{location}: no prompt field (looked for {', '.join(names)})")
     messages = _messages(record[field], field, location, config)
+    clashes = sorted((set(record) - {field}) & OUTPUT_FIELDS)
+    if clashes:
+        raise PromptError(
+            f"{location}: the prompt record has field(s) {clashes} that the output records use; "
+            "rename them"
+        )
     if config.chat_template:
         text = render(messages)
     elif isinstance(record[field], str):
@@ -62,9 +72,10 @@ def _prompt(config, render, index: int, location: RecordLocation, payload: Any) 
         raise PromptError(f"{location}: --no-chat-template needs a text prompt, '{field}' is not")
     gold = None
     if config.answer_field:
-        if record.get(config.answer_field) in (None, ""):
-            raise PromptError(f"{location}: missing answer field '{config.answer_field}'")
-        gold = answer_text(record[config.answer_field])
+        try:
+            gold = answer_text(record.get(config.answer_field))
+        except ValueError:
+            raise PromptError(f"{location}: no answer in field '{config.answer_field}'") from None
     return Prompt(index, str(location), record, field, messages, text, gold)
 
 
@@ -78,14 +89,17 @@ def _messages(value: Any, field: str, location, config: SynthesisConfig) -> list
         isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in value
     ):
         raise PromptError(f"{location}: '{field}' must be a string or a list of {{role, content}}")
-    if value[-1]["role"] == "assistant":
-        raise PromptError(f"{location}: '{field}' ends with an assistant turn: nothing to answer")
+    if any(message["role"] == "assistant" for message in value):
+        raise PromptError(
+            f"{location}: '{field}' has an assistant turn; prompts must end before the first "
+            "answer (the output is one response, whose segments preprocessing aligns)"
+        )
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def prompt_fields(prompt: Prompt, response: str, generated: dict[str, Any]) -> dict[str, Any]:
     """The output record: the prompt's own fields, the conversation for preprocessing, then the
-    synthesis fields; a prompt field that would be overwritten is an error naming it."""
+    synthesis fields."""
     ours: dict[str, Any] = {}
     if prompt.field == "messages" or not isinstance(prompt.record[prompt.field], str):
         ours["messages"] = prompt.messages + [{"role": "assistant", "content": response}]
@@ -94,12 +108,4 @@ def prompt_fields(prompt: Prompt, response: str, generated: dict[str, Any]) -> d
         if len(prompt.messages) > 1:
             ours["system"] = prompt.messages[0]["content"]
     ours.update(generated)
-    record = dict(prompt.record)
-    for key, value in ours.items():
-        if key in record and key != prompt.field:
-            raise PromptError(
-                f"{prompt.location}: the prompt record has a field '{key}' that the output "
-                "record uses; rename it"
-            )
-        record[key] = value
-    return record
+    return dict(prompt.record) | ours  # clashes were refused when the prompt was read

@@ -8,7 +8,8 @@ from typing import Any
 
 from megatron_dcod.synthesis.prompts import Prompt
 
-SOURCES = ("student", "teacher", "inserted")
+GENERATED_BY = ("student", "teacher")
+"""Who generates tokens (the inserted connector is text, not generated)."""
 
 
 @dataclass
@@ -33,6 +34,8 @@ class Step:
     """SKD: the student's own geometric-mean probability of its proposal."""
     accepted: bool = True
     """MOTAB: V_T ≥ ε; SKD: the student's proposal was kept."""
+    score_error: str | None = None
+    """Why scoring the step failed (MOTAB then counts it safe; SKD sends it to the teacher)."""
 
 
 @dataclass
@@ -40,7 +43,9 @@ class Trajectory:
     """A response in the making for one prompt."""
 
     prompt: Prompt
+    """The prompt it answers."""
     response_index: int
+    """Which of the prompt's --responses-per-prompt it is."""
     student_ids: list[int] = field(default_factory=list)
     """The student's context: prompt + accepted steps, in its tokens."""
     teacher_ids: list[int] = field(default_factory=list)
@@ -53,16 +58,21 @@ class Trajectory:
     used_tokens: int = 0
     """Generated tokens so far, against --max-tokens."""
     rounds: int = 0
+    """Student steps proposed so far (part of every generation's seed)."""
     breach: bool = False
+    """MOTAB: a step fell below its boundary (the trajectory then waits for the teacher)."""
     t_star: int | None = None
+    """MOTAB: the root-cause step (Eq. 8–9)."""
     continuation: str | None = None
     """The teacher's text after a breach (or the teacher's whole answer in teacher mode)."""
     continuation_tokens: int = 0
+    """Tokens the teacher generated for `continuation`."""
     teacher_failed: str | None = None
     """Why a teacher continuation or rewrite was not available (the student's text stays)."""
     error: str | None = None
     """Why the trajectory produced nothing."""
     done: bool = False
+    """Finished: it leaves the live batch."""
 
     def seed(self, base: int, purpose: str) -> int:
         """A seed per (trajectory, round, purpose), independent of batching."""
@@ -99,7 +109,7 @@ class Trajectory:
         return fields
 
     def tokens_by_source(self) -> dict[str, int]:
-        counts = dict.fromkeys(SOURCES, 0)
+        counts = dict.fromkeys(GENERATED_BY, 0)
         for step in self.steps:
             counts[step.source] += step.tokens
         counts["teacher"] += self.continuation_tokens

@@ -58,3 +58,22 @@ def test_vllm_greedy_equals_hf(model):
     backend = VLLMEngine(directory, dtype="fp32", tensor_parallel_size=1, seed=0)
     on_vllm = backend.generate(prompts, GREEDY, seeds=[0] * len(prompts))
     assert [g.token_ids[:4] for g in on_vllm] == [g.token_ids[:4] for g in on_hf]
+
+
+def test_cuda_scores_equal_cpu(model):
+    directory, tokenizer, prompts = model
+    requests = [(ids, prompts[(i + 1) % len(prompts)][:3]) for i, ids in enumerate(prompts)]
+    on_cpu = HFEngine(directory, tokenizer, device="cpu", dtype="fp32").score(requests, topk=5)
+    on_gpu = HFEngine(directory, tokenizer, device="cuda", dtype="fp32").score(requests, topk=5)
+    for cpu, gpu in zip(on_cpu, on_gpu):
+        assert gpu.logprobs == pytest.approx(cpu.logprobs, abs=1e-4)
+        assert gpu.next_topk_ids == cpu.next_topk_ids
+
+
+def test_cuda_sampling_is_per_sequence(model):
+    directory, tokenizer, prompts = model
+    engine = HFEngine(directory, tokenizer, device="cuda", dtype="fp32", batch_size=4)
+    sampled = SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=12, seed=0)
+    batched = engine.generate(prompts, sampled, [5, 6, 7, 8])
+    alone = [engine.generate([ids], sampled, [seed])[0] for ids, seed in zip(prompts, [5, 6, 7, 8])]
+    assert [g.token_ids for g in batched] == [g.token_ids for g in alone]

@@ -122,7 +122,7 @@ def test_generate_matches_the_hf_engine(stand_in, tiny_model_dir, chat_tokenizer
     (llm,) = stand_in.created
     assert llm.kwargs == dict(
         dtype="bfloat16", tensor_parallel_size=2, seed=1, generation_config="vllm",
-        enable_prefix_caching=True,
+        enable_prefix_caching=True, max_logprobs=20,
     )  # fmt: skip
     assert [p.seed for p in llm.params] == [11, 12, 13, 14]
     assert llm.params[0].stop == [stop] and llm.params[0].include_stop_str_in_output

@@ -31,11 +31,12 @@ class ScriptedEngine:
     name: str = "scripted"
     calls: list = field(default_factory=list)
 
-    def generate(self, contexts, sampling, seeds):
+    def generate(self, contexts, sampling, seeds, max_new_tokens=None):
         results = []
-        for ids in contexts:
+        limits = max_new_tokens or [sampling.max_new_tokens] * len(contexts)
+        for ids, limit in zip(contexts, limits):
             context = text_of(ids)
-            self.calls.append(("generate", context, sampling.max_new_tokens, sampling.stop))
+            self.calls.append(("generate", context, limit, sampling.stop))
             answer = self.steps[context]
             if isinstance(answer, str):
                 results.append(Generation("", error=answer))

@@ -68,7 +68,7 @@ def test_breach_backtracks_to_the_sharpest_drop_and_stitches_every_student_step(
     ]
     continuation = [c for c in teacher.calls if c[0] == "generate"]
     assert continuation == [("generate", P + "A.\n\n", 300 - 4, ())]  # no stop; budget - A's 4
-    assert trajectory.tokens_by_source() == {"student": 12, "teacher": 11, "inserted": 0}
+    assert trajectory.tokens_by_source() == {"student": 12, "teacher": 11}
 
 
 def test_breach_at_step_zero_returns_to_the_prompt():
@@ -129,3 +129,23 @@ def test_skd_keeps_good_student_steps_and_lets_the_teacher_rewrite_bad_ones():
     assert [s["source"] for s in record["segments"]] == ["student", "teacher", "student"]
     rewrite = [c for c in teacher.calls if c[0] == "generate"]
     assert rewrite == [("generate", P + "A.\n\n", 8192, (".\n\n",))]  # one step, same stop
+
+
+def test_a_failed_continuation_keeps_the_student_steps():
+    student = student_script(("Bad.\n\n", "stop"))
+    teacher = ScriptedEngine(values={"Bad.\n\n": 0.01}, steps={P: "generation failed: OOM"})
+    trajectory, record = run("motab", student, teacher)
+    assert record["breach"] and record["teacher_failed"] == "generation failed: OOM"
+    assert record["response"] == "Bad." and trajectory.error is None
+
+
+def test_skd_failures_go_to_the_teacher_and_a_failed_rewrite_keeps_the_students_step():
+    student = student_script(("A.\n\n", "stop"), ("B", "eos"))
+    student.values = {"A.\n\n": 0.5, "B": 0.5}
+    teacher = ScriptedEngine(failing={"A.\n\n"}, values={"B": 0.9})
+    teacher.steps[P] = "generation failed: OOM"
+    _, record = run("skd", student, teacher)
+    first = record["steps"][0]
+    assert not first["accepted"] and first["score_error"] == "scoring failed: simulated"
+    assert first["source"] == "student" and record["teacher_failed"] == "generation failed: OOM"
+    assert record["response"] == "A.\n\nB" and record["steps"][1]["accepted"]

@@ -67,7 +67,10 @@ def test_connector_does_not_repeat_the_paragraph_break():
 def test_failure_fallbacks():
     assert monitor.scored_value(Score(error="scoring failed: timeout")) == 1.0
     assert monitor.scored_value(Score([math.log(0.25)])) == pytest.approx(0.25)
-    assert monitor.scored_entropy(Score(error="scoring failed")) == 0.0
+    failed = Score([], [1, 2], [math.log(0.5)] * 2, error="scoring failed")  # a top-k, ignored
+    assert monitor.scored_entropy(failed) == 0.0
+    assert monitor.scored_value(Score([math.log(0.1)], error="scoring failed")) == 1.0
+    assert monitor.step_value(Score(error="x")) is None
     assert monitor.scored_entropy(Score([], [1, 2], [math.log(0.5)] * 2)) == pytest.approx(
         math.log(2)
     )

@@ -21,7 +21,7 @@ from tests.unit.conftest import write_jsonl
 from tests.unit.synthesis.scripted import CharTokenizer, ScriptedEngine
 
 QUESTIONS = ["Compute 12 + 7.", "What is 3 * 4?", "Add 7", "Let us think", "Be brief: 2 + 2?"]
-MONITOR = dict(step_stop="e", max_step_tokens=8, max_tokens=24, epsilon0=0.045, dtype="fp32")
+MONITOR = dict(step_stop=("e",), max_step_tokens=8, max_tokens=24, epsilon0=0.045, dtype="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -142,20 +142,22 @@ def test_batched_motab_equals_a_one_at_a_time_reference(
             assert record["response"] == (joined + continuation).rstrip()
 
 
-def test_batching_does_not_change_sampled_trajectories(
-    tmp_path, prompts, tiny_model_dir, student_dir
-):
+def test_batching_does_not_change_sampled_trajectories(tmp_path, tiny_model_dir, student_dir):
+    many = [{"question": f"{q} ({i})"} for i in range(2) for q in QUESTIONS]
+    prompts = write_jsonl(tmp_path / "many.jsonl", many)
     for method in ("motab", "skd"):
-        batched = settings(tmp_path, prompts, tiny_model_dir, student_dir, method=method,
-                           temperature=1.0, responses_per_prompt=2, out=str(tmp_path / f"{method}-b.jsonl"))  # fmt: skip
-        alone = settings(tmp_path, prompts, tiny_model_dir, student_dir, method=method,
-                         temperature=1.0, responses_per_prompt=2, max_live_trajectories=1,
-                         out=str(tmp_path / f"{method}-1.jsonl"))  # fmt: skip
-        synthesize(batched)
-        synthesize(alone)
-        assert records(batched.out) == records(alone.out)
-        sources = {s["source"] for r in records(batched.out) for s in r["steps"]}
-        if method == "skd":
+        runs = {}
+        for live in (16, 1):  # all together, and one trajectory at a time
+            config = settings(tmp_path, prompts, tiny_model_dir, student_dir, method=method,
+                              temperature=1.0, responses_per_prompt=1, max_live_trajectories=live,
+                              out=str(tmp_path / f"{method}-{live}.jsonl"))  # fmt: skip
+            runs[live] = (synthesize(config), records(config.out))
+        assert runs[16][1] == runs[1][1]
+        summary = runs[16][0]
+        if method == "motab":
+            assert 0 < summary["breaches"] < len(many)  # accepted and backtracked trajectories
+        else:
+            sources = {s["source"] for r in runs[16][1] for s in r["steps"]}
             assert sources == {"student", "teacher"}  # both SKD paths taken
 
 
@@ -180,7 +182,9 @@ def test_resume_after_a_kill_gives_the_uninterrupted_file(
         synthesize(killed)
     done = [json.loads(line)["prompt_index"] for line in open(killed.out + ".done")]
     assert 0 < len(done) < len(QUESTIONS)
-    with open(killed.out, "a") as out:
+    unfinished = next(i for i in range(len(QUESTIONS)) if i not in done)
+    with open(killed.out, "a") as out:  # written before the kill, but its prompt is not done
+        out.write(json.dumps({"prompt_index": unfinished, "response": "stale"}) + "\n")
         out.write('{"prompt_index": 4, "response": "cut mid-wri')  # a write the kill cut
     assert not json.loads(open(killed.out + ".summary.json").read())["complete"]
     monkeypatch.setitem(run.ROUNDS, "motab", real_round)
@@ -216,3 +220,21 @@ def test_teacher_mode_keeps_only_correct_answers(tmp_path, prompts):
     assert all(r["grade"]["correct"] and r["segments"][0]["source"] == "teacher" for r in kept)
     assert (summary["trajectories"], summary["kept"], summary["accuracy"]) == (5, 2, 0.4)
     assert kept[0]["prompt"] == QUESTIONS[0] and kept[0]["response"] == "So \\boxed{0}"
+
+
+def test_shards_split_the_prompts_and_clashing_fields_are_refused(tmp_path, prompts):
+    teacher = ScriptedEngine(steps={q: ("\\boxed{0}", "eos") for q in QUESTIONS})
+    models = Models(LanguageModel(teacher, CharTokenizer()))
+    seen = []
+    for shard in range(2):
+        config = SynthesisConfig(method="teacher", prompts=(str(prompts),), teacher="t",
+                                 out=str(tmp_path / f"s{shard}.jsonl"), shard=(shard, 2),
+                                 responses_per_prompt=1)  # fmt: skip
+        synthesize(config, models, render=lambda messages: messages[-1]["content"])
+        seen.append([r["prompt_index"] for r in records(config.out)])
+    assert seen == [[0, 2, 4], [1, 3]]
+    clash = write_jsonl(tmp_path / "clash.jsonl", [{"question": "q", "steps": 3}])
+    config = SynthesisConfig(method="teacher", prompts=(str(clash),), teacher="t",
+                             out=str(tmp_path / "c.jsonl"))  # fmt: skip
+    with pytest.raises(PromptError, match=r"clash.jsonl:1: .*\['steps'\] that the output"):
+        synthesize(config, models, render=lambda messages: messages[-1]["content"])
