@@ -240,7 +240,7 @@ def motab_note(paths: Paths) -> str:
         f"MOTAB traces: {summary['trajectories']} trajectories, breach rate "
         f"{summary['breach_rate']:.0%} (mean t* {summary['mean_t_star'] or 0:.1f}), "
         f"{teacher_share:.0%} of the generated tokens the teacher's, final answer right in "
-        f"{summary['accuracy']:.0%}."
+        f"{summary['accuracy']:.0%}; the MOTAB row's val loss is on held-out MOTAB traces."
     )
 
 

@@ -238,3 +238,17 @@ def test_shards_split_the_prompts_and_clashing_fields_are_refused(tmp_path, prom
                              out=str(tmp_path / "c.jsonl"))  # fmt: skip
     with pytest.raises(PromptError, match=r"clash.jsonl:1: .*\['steps'\] that the output"):
         synthesize(config, models, render=lambda messages: messages[-1]["content"])
+
+
+def test_a_model_dir_that_does_not_load_is_named(tmp_path, prompts, tiny_model_dir):
+    config = SynthesisConfig(method="teacher", prompts=(str(prompts),), out=str(tmp_path / "o"),
+                             teacher=str(tmp_path / "no-model"), chat_template=False)  # fmt: skip
+    with pytest.raises(ValueError, match=f"tokenizer dir {tmp_path / 'no-model'} does not exist"):
+        synthesize(config)
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    config = SynthesisConfig(method="teacher", prompts=(str(prompts),), out=str(tmp_path / "o2"),
+                             teacher=str(broken), dtype="fp32")  # fmt: skip
+    with pytest.raises(ValueError, match=f"cannot load a causal LM from {broken}"):
+        synthesize(config)
