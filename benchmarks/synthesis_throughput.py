@@ -11,6 +11,13 @@ request per step and one per score.
     python benchmarks/synthesis_throughput.py [--trajectories 64 --live 16] [--device cpu] \
         [--student-hidden 32 --teacher-hidden 64 --layers 2]
 
+On a GPU, models of the issue's sizes (random weights; ~0.5B student, ~1.5B-shaped teacher, with
+this tiny vocabulary):
+
+    python benchmarks/synthesis_throughput.py --device cuda --dtype bf16 \
+        --student-hidden 1024 --teacher-hidden 1536 --layers 24 --trajectories 64 --live 64 \
+        --max-step-tokens 128 --max-tokens 1024
+
 Last line: JSON (trajectories_per_s, sequential_trajectories_per_s, speedup, breach_rate, ...).
 """
 
@@ -38,7 +45,8 @@ def save_model(directory: Path, tokenizer: Path, vocab: int, hidden: int, layers
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=layers, num_attention_heads=max(4, hidden // 64),
+        num_key_value_heads=max(2, hidden // 128),
         max_position_embeddings=2048,
     )  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(directory)
@@ -52,7 +60,7 @@ def timed_run(work: Path, name: str, args, live: int) -> tuple[float, dict, list
         student=str(work / "student"), out=str(work / f"{name}.jsonl"), responses_per_prompt=1,
         max_step_tokens=args.max_step_tokens, max_tokens=args.max_tokens,
         step_stop=tuple(args.step_stop),
-        epsilon0=args.epsilon0, temperature=0.6, dtype="fp32", device=args.device,
+        epsilon0=args.epsilon0, temperature=0.6, dtype=args.dtype, device=args.device,
         max_live_trajectories=live, batch_size=live,
     )  # fmt: skip
     summary = synthesize(config)  # its `seconds` leave out model loading
@@ -64,6 +72,7 @@ def main() -> None:
     parser.add_argument("--trajectories", type=int, default=64, help="prompts, one response each")
     parser.add_argument("--live", type=int, default=16, help="trajectories advanced together")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--student-hidden", type=int, default=32)
     parser.add_argument("--teacher-hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
@@ -96,6 +105,7 @@ def main() -> None:
         "breach_rate": summary["breach_rate"],
         "identical_outputs": same,
         "device": args.device,
+        "dtype": args.dtype,
     }
     print(json.dumps(result))
 

@@ -38,7 +38,8 @@ def add_synthesis_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     engines = parser.add_argument_group("engines")
     engines.add_argument("--backend", choices=("auto", "hf", "vllm"), default=defaults.backend)
     engines.add_argument("--device", default=defaults.device)
-    engines.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=defaults.dtype)
+    engines.add_argument("--dtype", choices=("fp32", "bf16", "fp16"),
+                         help="default: fp32 for the HF backend on CPU, else bf16")  # fmt: skip
     for name in ("batch_size", "batch_tokens", "max_live_trajectories"):
         engines.add_argument(
             "--" + name.replace("_", "-"), type=int, default=getattr(defaults, name)

@@ -68,8 +68,8 @@ class SynthesisConfig:
     """hf, vllm, or auto (vLLM when installed and a GPU is visible)."""
     device: str = "cpu"
     """Torch device of the HF backend."""
-    dtype: str = "bf16"
-    """Model dtype: fp32, bf16 or fp16."""
+    dtype: str | None = None
+    """Model dtype: fp32, bf16 or fp16; None: fp32 for the HF backend on CPU, else bf16."""
     batch_size: int = 16
     """HF backend: sequences decoded together."""
     batch_tokens: int = 16384

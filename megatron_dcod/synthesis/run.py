@@ -74,6 +74,7 @@ def load_models(config: SynthesisConfig) -> tuple[Models, dict]:
     from megatron_dcod.inference.engine import choose_backend
 
     backend = choose_backend(config.backend)
+    dtype = config.dtype or ("fp32" if backend == "hf" and config.device == "cpu" else "bf16")
 
     def model(directory: str, tensor_parallel: int, memory: float | None) -> LanguageModel:
         tokenizer = load_tokenizer(directory)
@@ -81,7 +82,7 @@ def load_models(config: SynthesisConfig) -> tuple[Models, dict]:
             from megatron_dcod.inference.vllm_engine import VLLMEngine
 
             engine = VLLMEngine(
-                directory, dtype=config.dtype, tensor_parallel_size=tensor_parallel,
+                directory, dtype=dtype, tensor_parallel_size=tensor_parallel,
                 seed=config.seed, gpu_memory_utilization=memory,
                 max_logprobs=max(20, config.entropy_topk),
             )  # fmt: skip
@@ -89,7 +90,7 @@ def load_models(config: SynthesisConfig) -> tuple[Models, dict]:
             from megatron_dcod.inference.hf_engine import HFEngine
 
             engine = HFEngine(
-                directory, tokenizer, device=config.device, dtype=config.dtype,
+                directory, tokenizer, device=config.device, dtype=dtype,
                 batch_size=config.batch_size, batch_tokens=config.batch_tokens,
             )  # fmt: skip
         return LanguageModel(engine, tokenizer, raw_prompts=not config.chat_template)
@@ -104,7 +105,7 @@ def load_models(config: SynthesisConfig) -> tuple[Models, dict]:
             config.student_tensor_parallel_size,
             config.student_gpu_memory_utilization,
         )
-    engine = {"backend": backend, "dtype": config.dtype}
+    engine = {"backend": backend, "dtype": dtype}
     engine["device"] = config.device if backend == "hf" else "cuda"
     return Models(teacher, student), engine
 
