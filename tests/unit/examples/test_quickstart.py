@@ -110,7 +110,8 @@ def test_report_reads_tensorboard_and_eval_summaries(tmp_path):
         summary = {"accuracy": {"pass@1": accuracy}, "problems": 20}
         (tmp_path / "eval" / name.lower()).mkdir(parents=True)
         (tmp_path / "eval" / name.lower() / "summary.json").write_text(json.dumps(summary))
-    table = report.side_by_side(tmp_path, models, ["sft", "dcod"], plot=tmp_path / "c.png")
+    note = "MOTAB traces: 4 trajectories, breach rate 50%"
+    table = report.side_by_side(tmp_path, models, ["sft", "dcod"], tmp_path / "c.png", (note,))
     markdown, curves = table.split("\ncurves: ")
     lines = markdown.splitlines()
     assert lines[:5] == [  # the last value of each curve; SFT logged no DCOD weights here
@@ -121,6 +122,9 @@ def test_report_reads_tensorboard_and_eval_summaries(tmp_path):
         "| DCOD | 25.0% | 3.500 | 0.860 | 0.900 | — | — |",
     ]
     assert lines[5] == "" and lines[6].startswith("held-out acc: greedy pass@1 on 20 held-out")
-    assert len(lines) == 7 and curves == str(tmp_path / "c.png")
+    assert lines[7] == note and len(lines) == 8 and curves == str(tmp_path / "c.png")
+    assert [report.label(m) for m in ("sft", "dcod_kl", "motab_sft")] == [
+        "SFT", "DCOD_KL", "MOTAB (SFT)",
+    ]  # fmt: skip
     assert (tmp_path / "results.md").read_text() == markdown + "\n"
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
