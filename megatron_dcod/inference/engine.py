@@ -108,6 +108,17 @@ def end_at_stop(text: str, stop: Sequence[str]) -> str | None:
     return text[: min(ends)] if ends else None
 
 
+def context_check(contexts: Sequence[list[int]], context_length: int):
+    """`invalid(i)` for run_isolated: a context that leaves no room for a new token."""
+
+    def too_long(i: int) -> str | None:
+        if len(contexts[i]) >= context_length:
+            return f"context of {len(contexts[i])} tokens fills the model's ({context_length})"
+        return None
+
+    return too_long
+
+
 def run_isolated(
     batches: list[list[int]],
     count: int,

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from megatron_dcod.inference.engine import Generation, SamplingConfig, Score, end_at_stop
-from megatron_dcod.inference.engine import failed_generation, failed_score
+from megatron_dcod.inference.engine import context_check, failed_generation, failed_score
 from megatron_dcod.inference.engine import length_sorted_batches, run_isolated
 from megatron_dcod.inference.models import DTYPES, context_length, load_causal_lm
 from megatron_dcod.inference.models import stop_token_ids
@@ -60,11 +60,6 @@ class HFEngine:
     ) -> list[Generation]:
         limits = max_new_tokens or [sampling.max_new_tokens] * len(contexts)
 
-        def too_long(i: int) -> str | None:
-            if len(contexts[i]) >= self.context:
-                return f"context of {len(contexts[i])} tokens fills the model's ({self.context})"
-            return None
-
         def run(batch: list[int]) -> list[Generation]:
             return self._decode_batch(
                 [contexts[i] for i in batch], sampling, [seeds[i] for i in batch],
@@ -73,7 +68,9 @@ class HFEngine:
 
         lengths = [len(context) for context in contexts]
         batches = length_sorted_batches(range(len(lengths)), lengths, self.batch_size, 2**62)
-        return run_isolated(batches, len(contexts), too_long, run, failed_generation)
+        return run_isolated(
+            batches, len(contexts), context_check(contexts, self.context), run, failed_generation
+        )
 
     def score(self, requests: Sequence[tuple[list[int], list[int]]], topk: int) -> list[Score]:
         def invalid(i: int) -> str | None:

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Sequence
 
 from megatron_dcod.inference.engine import Generation, SamplingConfig, Score
-from megatron_dcod.inference.engine import failed_generation, failed_score, run_isolated
+from megatron_dcod.inference.engine import context_check, failed_generation, failed_score
+from megatron_dcod.inference.engine import run_isolated
 
 VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -88,13 +89,12 @@ class VLLMEngine:
             outputs = self._run([contexts[i] for i in batch], [params[i] for i in batch])
             return [_generation(output) for output in outputs]
 
-        def too_long(i: int) -> str | None:
-            if len(contexts[i]) >= self.context:
-                return f"context of {len(contexts[i])} tokens fills the model's ({self.context})"
-            return None
-
         return run_isolated(
-            [list(range(len(contexts)))], len(contexts), too_long, run, failed_generation
+            [list(range(len(contexts)))],
+            len(contexts),
+            context_check(contexts, self.context),
+            run,
+            failed_generation,
         )
 
     def score(self, requests: Sequence[tuple[list[int], list[int]]], topk: int) -> list[Score]:
