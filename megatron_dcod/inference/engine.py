@@ -23,7 +23,6 @@ from typing import Callable, Protocol, Sequence, TypeVar
 
 import torch
 
-FINISH_REASONS = ("stop", "eos", "length")
 Result = TypeVar("Result")
 
 

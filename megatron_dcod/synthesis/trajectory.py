@@ -6,6 +6,7 @@ import hashlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from megatron_dcod.synthesis.monitor import revise_connector
 from megatron_dcod.synthesis.prompts import Prompt
 
 GENERATED_BY = ("student", "teacher")
@@ -81,8 +82,6 @@ class Trajectory:
 
     def segments(self, revise_text: str) -> list[dict[str, str]]:
         """The response as consecutive {source, text} pieces (same sources merged)."""
-        from megatron_dcod.synthesis.monitor import revise_connector
-
         pieces = [(step.source, step.text) for step in self.steps]
         if self.continuation is not None:
             if self.steps:
