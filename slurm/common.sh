@@ -153,11 +153,19 @@ run_supervised() {
 
 # After the trainer exits: requeue the job when it was stopped for the time limit before
 # TRAIN_ITERS; otherwise end with the trainer's exit status (a crash is not retried forever).
+# The last checkpoint's iteration comes from Megatron's tracker file or, without one, from
+# DeepSpeed's `latest` (the newest tag, iter_NNNNNNN: python -m megatron_dcod.train_hf).
 finish_or_requeue() {
-    local status="$1" save_dir="$2" train_iters="$3" done_iters=0
+    local status="$1" save_dir="$2" train_iters="$3" done_iters=0 latest
     local tracker="${save_dir}/latest_checkpointed_iteration.txt"
     if [[ -f "${tracker}" ]]; then
         done_iters="$(<"${tracker}")"
+    elif [[ -f "${save_dir}/latest" ]]; then
+        latest="$(<"${save_dir}/latest")"
+        done_iters="${latest}"
+        if [[ "${latest}" =~ ^iter_0*([0-9]+)$ ]]; then
+            done_iters="${BASH_REMATCH[1]}"
+        fi
     fi
     if [[ "${STOP_REQUESTED}" == 1 && "${done_iters}" != "${train_iters}" ]]; then
         log "stopped at iteration ${done_iters} of ${train_iters}: requeueing job ${SLURM_JOB_ID}"

@@ -9,12 +9,12 @@ template; the output appears under its final name only once complete.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 
 from megatron_dcod.checkpoint.hf_files import (
+    copy_template,
     PlannedTensor,
     StreamingSafetensorsWriter,
     expected_hf_shapes,
@@ -32,7 +32,6 @@ from megatron_dcod.checkpoint.megatron_side import (
 from megatron_dcod.config import ExportConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
 """Template files that are weights, never copied."""
 MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 
@@ -88,7 +87,7 @@ def export_hf(config: ExportConfig) -> Path:
         stored = checkpoint.tensors["embedding.word_embeddings.weight"][1]
         dtype = DTYPES[config.dtype] if config.dtype else stored
         _write_tensors(checkpoint, rules, geometry, shapes, dtype, partial, config)
-        _copy_template(config.hf_template, partial, hf_config, dtype)
+        copy_template(config.hf_template, partial, hf_config, dtype)
     return config.out
 
 
@@ -178,12 +177,3 @@ def _write_tensors(checkpoint, rules, geometry, shapes, dtype, out: Path, config
         del loaded
     writer.close()
     write_index(out, shards, files)
-
-
-def _copy_template(template: Path, out: Path, hf_config, dtype: torch.dtype) -> None:
-    """Tokenizer, generation config and other non-weight files; config.json with the dtype."""
-    for path in sorted(template.iterdir()):
-        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES):
-            shutil.copy2(path, out / path.name)
-    hf_config.dtype = dtype
-    hf_config.save_pretrained(out)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import struct
 from pathlib import Path
 from typing import Iterable
@@ -21,6 +22,7 @@ from typing import Iterable
 import torch
 from safetensors import SafetensorError, safe_open
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DTYPE_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -177,3 +179,12 @@ def expected_hf_shapes(hf_config) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def copy_template(template: Path, out: Path, hf_config, dtype: torch.dtype) -> None:
+    """Tokenizer, generation config and other non-weight files; config.json with the dtype."""
+    for path in sorted(template.iterdir()):
+        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copy2(path, out / path.name)
+    hf_config.dtype = dtype
+    hf_config.save_pretrained(out)

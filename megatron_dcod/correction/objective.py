@@ -67,19 +67,43 @@ class CorrectedLoss:
     stats: torch.Tensor  # [len(STAT_NAMES)] fp64 sums for the weight diagnostics
 
 
+@dataclass
+class PickedLogprobs:
+    """A model output that is already the student's log-probs at the ids the loss reads
+    (`picked_ids`): the DeepSpeed engine computes them from the HF logits chunk by chunk."""
+
+    logprobs: torch.Tensor  # [b, s, 1 (+k)] with gradient: the trace token (then the top-k ids)
+
+
+def picked_ids(config: CorrectionConfig, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[b, s, 1 (+k)] vocabulary ids whose student log-probs the loss needs: the trace token,
+    then for `kl`/`todi` the teacher's stored top-k."""
+    ids = batch["labels"].unsqueeze(-1)
+    if config.base_loss != "ce":
+        ids = torch.cat([ids, batch["teacher_topk_ids"].to(ids.dtype)], dim=-1)
+    return ids.long()
+
+
 def student_logprobs_and_token_loss(
-    config: CorrectionConfig, output: torch.Tensor, batch: dict[str, torch.Tensor]
+    config: CorrectionConfig,
+    output: torch.Tensor | PickedLogprobs,
+    batch: dict[str, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log π_θ(y_t) [b, s] detached, ℓ_t [b, s] with gradient) from the model output.
 
-    For `ce` the output is Megatron's per-token cross-entropy [b, s] (log π_θ(y_t) = −ℓ_t, no
-    second pass over the logits); for `kl`/`todi` it is the logits [b, s, v/tp].
+    For `ce` Megatron's output is its per-token cross-entropy [b, s] (log π_θ(y_t) = −ℓ_t, no
+    second pass over the logits); for `kl`/`todi` it is the logits [b, s, v/tp]. A
+    `PickedLogprobs` output holds the log-probs at `picked_ids` for either base loss.
     """
-    if config.base_loss == "ce":
+    if isinstance(output, PickedLogprobs):
+        picked = token_losses.at_least_fp32(output.logprobs)  # [b, s, 1 (+k)]
+    elif config.base_loss == "ce":
         token_loss = token_losses.at_least_fp32(output)
         return -token_loss.detach(), token_loss
-    picked_ids = torch.cat([batch["labels"].unsqueeze(-1), batch["teacher_topk_ids"]], dim=-1)
-    picked = token_losses.vocab_parallel_logprobs_at(output, picked_ids.long())  # [b, s, 1+k]
+    else:
+        picked = token_losses.vocab_parallel_logprobs_at(output, picked_ids(config, batch))
+    if config.base_loss == "ce":
+        return picked[..., 0].detach(), -picked[..., 0]
     logp_student, logp_student_topk = picked[..., 0].detach(), picked[..., 1:]
     teacher_topk = batch["teacher_topk_logprobs"]
     if config.base_loss == "kl":
@@ -113,7 +137,9 @@ def token_weights(
 
 
 def corrected_loss(
-    config: CorrectionConfig, output: torch.Tensor, batch: dict[str, torch.Tensor]
+    config: CorrectionConfig,
+    output: torch.Tensor | PickedLogprobs,
+    batch: dict[str, torch.Tensor],
 ) -> CorrectedLoss:
     """Σ m w ℓ of one micro-batch, its normalizer and weight statistics (see module doc)."""
     batch = restricted_to_train_sources(config, batch)

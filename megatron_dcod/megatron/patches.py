@@ -9,8 +9,10 @@ else in the package assigns to a library's attributes.
     applied = patches.apply(patches.TRAINING)   # once, at start-up, before Megatron initializes
     with patches.applied(patches.LIBRARY): ...  # converters, tests: undone when the block ends
 
-Scopes: `LIBRARY` is what any use of megatron-core in this process needs (Python 3.11 and the
-CPU mode); `TRAINING` adds what `megatron.training.pretrain` needs. Applying is idempotent;
+Scopes, each including the one before: `IMPORTS` is what importing megatron.training needs and
+nothing more (Python 3.11; the DeepSpeed engine, which uses Megatron's datasets, sampler and
+LR scheduler but not its devices); `LIBRARY` is what any use of megatron-core in this process
+needs (adds the CPU mode); `TRAINING` adds what `megatron.training.pretrain` needs. Applying is idempotent;
 `AppliedPatches.undo()` restores every original in reverse order.
 """
 
@@ -25,8 +27,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+IMPORTS = "imports"
 LIBRARY = "library"
 TRAINING = "training"
+SCOPES = (IMPORTS, LIBRARY, TRAINING)
+"""Narrowest first; applying a scope applies the ones before it too."""
 MEGATRON_CORE = "megatron-core 0.19.2"
 Undo = Callable[[], None]
 CPU_MODE = "torch.cuda: device, stream, memory and RNG functions (platform/cpu.py)"
@@ -43,7 +48,7 @@ class Patch:
     checked_with: str
     """The library version the replacement was written and tested against."""
     scope: str
-    """LIBRARY or TRAINING: the entry points that need it."""
+    """IMPORTS, LIBRARY or TRAINING: the entry points that need it."""
     needed: Callable[[bool], bool]
     """Whether this process needs it, given whether it runs in CPU mode (CUDA absent)."""
     install: Callable[[], Undo]
@@ -135,7 +140,7 @@ PATCHES: tuple[Patch, ...] = (
         reason="megatron.training imports typing.override (Python 3.12); the 3.11 backport "
         "from typing_extensions stands in (the megatron-core wheel declares Python >= 3.12)",
         checked_with=MEGATRON_CORE,
-        scope=LIBRARY,
+        scope=IMPORTS,
         needed=lambda cpu: not hasattr(typing, "override"),
         install=_install_typing_override,
     ),
@@ -220,8 +225,8 @@ class AppliedPatches:
 
 
 def apply(scope: str = LIBRARY) -> AppliedPatches:
-    """Install every needed patch of `scope` (TRAINING includes LIBRARY), in registry order."""
-    scopes = {LIBRARY} if scope == LIBRARY else {LIBRARY, scope}
+    """Install every needed patch of `scope` and the narrower ones, in registry order."""
+    scopes = set(SCOPES[: SCOPES.index(scope) + 1])
     # read once, first: the TRAINING scope makes torch.cuda.is_available() answer True
     cpu = CPU_MODE in _active or not torch.cuda.is_available()
     applied = AppliedPatches(cpu=cpu)

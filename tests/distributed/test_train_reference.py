@@ -10,47 +10,24 @@ per step, which is exactly what a wrong denominator looks like. The normalizer �
 step's, summed over micro-batches and ranks: a per-rank or per-micro-batch sum would not match.
 """
 
-import math
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 from megatron_dcod.config import ExportConfig
-from megatron_dcod.data.trace_format import TraceDataset
 from tests.helpers.distributed import run_distributed_test
 from tests.helpers.models import import_to_megatron, save_tiny_llama
+from tests.helpers.reference import LR, OFFSET, SCALE, TEMPERATURE, TRACES, reference_updates
 from tests.helpers.training import tiny_run_flags, train
 from tests.helpers.traces import write_synthetic_traces
-
-TRACES, LR, SCALE, OFFSET, TEMPERATURE = 8, 1.0, 2.0, -1.0, 2.0
 
 
 def export_checkpoint(checkpoint: str, template: str, out: str) -> None:
     from megatron_dcod.checkpoint.export_hf import export_hf
 
     export_hf(ExportConfig(Path(checkpoint), Path(template), Path(out), dtype="fp32"))
-
-
-def reference_updates(hf_dir: Path, prefix: Path, normalization: str) -> dict[str, torch.Tensor]:
-    """−lr · ∂L/∂θ of the float64 HF model over every trace, DCOD weights per token."""
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64)
-    numerator, denominator = 0.0, 0.0
-    for trace in TraceDataset(prefix):
-        tokens = torch.from_numpy(trace.tokens.astype("int64"))
-        logits = model(tokens[None, :-1]).logits[0]  # [T-1, V]
-        logp = torch.log_softmax(logits, -1).gather(1, tokens[1:, None])[:, 0]  # log π_θ(y_t)
-        for t, supervised in enumerate(trace.loss_mask[1:].tolist()):
-            if not supervised:
-                continue
-            delta = logp[t].item() - float(trace.teacher_logprobs[t + 1])  # Δ_t, a constant
-            weight = SCALE / (1 + math.exp(-(delta - OFFSET) / TEMPERATURE))
-            numerator = numerator + weight * -logp[t]
-            denominator += weight if normalization == "weights" else 1.0
-    (numerator / denominator).backward()
-    return {name: -LR * param.grad for name, param in model.named_parameters()}
 
 
 @pytest.fixture(scope="module")

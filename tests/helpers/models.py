@@ -86,3 +86,32 @@ def import_to_megatron(hf_dir: str, out: str) -> None:
     from megatron_dcod.config import ImportConfig
 
     import_hf(ImportConfig(Path(hf_dir), Path(out), dtype="fp32", make_vocab_size_divisible_by=32))
+
+
+TOKENIZER_TEXTS = [
+    "Compute 12 + 7. Reason step by step.\nStart with 12.\n\nAdd 7: 12 + 7 = 19.",
+    "The answer is \\boxed{19}. What is 3 * 4? Be brief. Multiply: 3 * 4 = 12.",
+    "Let us think about it carefully, one step at a time, and check the result.",
+] * 20
+"""What the tests' tiny tokenizers are trained on."""
+
+
+def save_tiny_student(directory: Path, seed: int = 0, layers: int = 2) -> Path:
+    """What `--hf-model` takes: a tiny random Llama and a tiny tokenizer trained here, in one
+    dir (320 ids: no Megatron vocabulary padding at multiples of 32; 256 positions)."""
+    from megatron_dcod.data.tiny_tokenizer import train_tiny_tokenizer
+
+    train_tiny_tokenizer(TOKENIZER_TEXTS, directory, 320)
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(directory))
+    return save_tiny_llama(directory, vocab_size=vocab, seed=seed, layers=layers)
+
+
+def tokenizer_fingerprint(directory: Path) -> dict:
+    """The fingerprint trace datasets made with `directory`'s tokenizer carry."""
+    from dataclasses import asdict
+
+    from megatron_dcod.data.chat import ChatTokenizer
+
+    return asdict(ChatTokenizer(directory).fingerprint)

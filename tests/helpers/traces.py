@@ -57,9 +57,11 @@ def write_synthetic_traces(
     seed: int = 0,
     lengths=(4, 24),
     sources: bool = False,
+    fingerprint: dict | None = None,
 ) -> Path:
     """`count` synthetic traces of lengths in [lengths[0], lengths[1]) at `prefix` (with the
-    `source` array if `sources`)."""
+    `source` array if `sources`), stamped with `fingerprint` (default: a synthetic tokenizer
+    of `vocab` ids)."""
     rng = np.random.default_rng(seed)
     arrays = ("tokens", "loss_mask", "teacher_logprobs", "teacher_topk_ids")
     arrays += ("teacher_topk_logprobs", "ref_logprobs") + (("source",) if sources else ())
@@ -67,7 +69,7 @@ def write_synthetic_traces(
         for _ in range(count):
             length = int(rng.integers(*lengths))
             writer.add(synthetic_trace(rng, vocab, length, TOPK, sources))
-        writer.commit({"tokenizer": dict(FINGERPRINT, vocab_size=vocab)})
+        writer.commit({"tokenizer": fingerprint or dict(FINGERPRINT, vocab_size=vocab)})
     return prefix
 
 

@@ -8,12 +8,7 @@ import pytest
 
 from megatron_dcod.data.chat import ChatTokenizer
 from megatron_dcod.data.tiny_tokenizer import train_tiny_tokenizer
-
-TOKENIZER_TEXTS = [
-    "Compute 12 + 7. Reason step by step.\nStart with 12.\n\nAdd 7: 12 + 7 = 19.",
-    "The answer is \\boxed{19}. What is 3 * 4? Be brief. Multiply: 3 * 4 = 12.",
-    "Let us think about it carefully, one step at a time, and check the result.",
-] * 20
+from tests.helpers.models import TOKENIZER_TEXTS
 
 
 @pytest.fixture(scope="session")

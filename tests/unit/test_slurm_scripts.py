@@ -1,5 +1,5 @@
 """slurm/*.sh: syntax, shellcheck, dry runs whose commands the tools' own parsers accept, the
-7B layout checked by the trainer's parser, and the requeue logic with Slurm's commands stubbed."""
+7B layouts checked by the trainers' parsers, and the requeue logic with Slurm's commands stubbed."""
 
 import argparse
 import os
@@ -59,7 +59,7 @@ def printed_tool_commands(stdout: str) -> list[tuple[str, list[str]]]:
 def test_every_recipe_is_there():
     names = {script.name for script in SCRIPTS}
     assert {"common.sh", "train_7b.sh", "preprocess.sh", "score_teacher.sh"} <= names
-    assert {"convert_hf.sh", "eval.sh"} <= names
+    assert {"convert_hf.sh", "eval.sh", "train_hf_deepspeed.sh"} <= names
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda path: path.name)
@@ -148,6 +148,36 @@ def test_train_dry_run_rejects_a_bad_override(override, message):
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
 
 
+def test_deepspeed_dry_run_checks_the_zero3_layout_with_the_trainer_parser():
+    result = run_script("train_hf_deepspeed.sh", DRY_RUN="1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    launch, summary = result.stdout.strip().splitlines()
+    assert launch.startswith("srun --nodes=2 ") and "--nproc_per_node=8 --nnodes=2" in launch
+    assert "-m megatron_dcod.train_hf --hf-model" in launch
+    for flags in ("--zero-stage 3", "--gradient-checkpointing", "--bf16", "--seq-length 16384"):
+        assert flags in launch
+    assert "--exit-signal-handler" in launch and "--dcod-weighting dcod" in launch
+    words = shlex.split(launch)
+    assert words[words.index("--save") + 1] == words[words.index("--load") + 1]
+    assert summary.startswith("flags OK for 16 processes: ZeRO-3 over DP 16; ")
+    assert "global batch 128 = micro 1 × DP 16 × 8 accumulation steps" in summary
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            {"GLOBAL_BATCH": "100"},
+            "--global-batch-size 100 is not a multiple of --micro-batch-size 1 × 16",
+        ),
+        ({"EXTRA_ARGS": "--no-such-flag"}, "unrecognized arguments: --no-such-flag"),
+    ],
+)
+def test_deepspeed_dry_run_rejects_a_bad_override(override, message):
+    result = run_script("train_hf_deepspeed.sh", DRY_RUN="1", **override)
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+
+
 REQUEUE_SCENARIO = """
 source slurm/common.sh
 SLURM_JOB_ID=42
@@ -184,6 +214,30 @@ def test_a_stopped_run_requeues_and_a_crash_does_not(tmp_path, time_limit):
         assert "stopped at iteration 2 of 4: requeueing job 42" in result.stderr
     else:
         assert result.returncode == 3 and "scontrol" not in result.stdout
+
+
+@pytest.mark.parametrize("latest, requeued", [("iter_0000002", True), ("iter_0000004", False)])
+def test_requeue_reads_deepspeeds_latest_file(tmp_path, latest, requeued):
+    """Without Megatron's tracker file the iteration is DeepSpeed's `latest` tag (train_hf)."""
+    (tmp_path / "latest").write_text(latest)
+    scenario = (
+        'source slurm/common.sh; SLURM_JOB_ID=42; STOP_REQUESTED=1; scontrol() { echo "$*"; }; '
+        'finish_or_requeue 0 "$SAVE_DIR" 4'
+    )
+    result = subprocess.run(
+        ["bash", "-c", scenario],
+        cwd=REPO,
+        env={**os.environ, "REPO_ROOT": str(REPO), "SAVE_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout == "requeue 42\n") == requeued, result.stdout
+    if requeued:
+        assert "stopped at iteration 2 of 4" in result.stderr
+    else:
+        assert "last checkpoint: iteration 4" in result.stderr
 
 
 def test_synthesis_merge_refuses_an_unfinished_part(tmp_path):

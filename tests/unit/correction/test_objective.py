@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from megatron_dcod.config import CorrectionConfig
-from megatron_dcod.correction.objective import corrected_loss, summarize_stats, token_weights
+from megatron_dcod.correction.objective import (
+    PickedLogprobs,
+    corrected_loss,
+    picked_ids,
+    summarize_stats,
+    token_weights,
+)
 from megatron_dcod.correction.token_losses import todi_loss, topk_kl_loss
 
 VOCAB, TOPK = 11, 3
@@ -370,3 +376,33 @@ def test_train_sources_are_checked():
     with pytest.raises(ValueError, match="need the batch's `source` array"):
         config = CorrectionConfig(train_sources=("teacher",))
         corrected_loss(config, token_ce(logits, batch["labels"]), batch)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        CorrectionConfig(weighting="dcod", scope="prefix"),
+        CorrectionConfig(weighting="iw_sft"),
+        CorrectionConfig(weighting="dcod", base_loss="kl", normalization="weights"),
+        CorrectionConfig(weighting="dft", base_loss="todi", topk_mode="tail"),
+    ],
+    ids=lambda c: f"{c.weighting}-{c.base_loss}",
+)
+def test_picked_logprobs_give_the_loss_and_gradient_of_the_logits(config):
+    """The DeepSpeed engine's output (log-probs at `picked_ids`) against Megatron's (its per-
+    token CE for `ce`, the logits for `kl`/`todi`): the same loss, normalizer and gradient."""
+    logits, batch = make_batch(seed=3)
+    logits.requires_grad_(True)
+    megatron_output = token_ce(logits, batch["labels"]) if config.base_loss == "ce" else logits
+    expected = corrected_loss(config, megatron_output, batch)
+    (expected.loss_sum / expected.normalizer).backward()
+    expected_grad, logits.grad = logits.grad.clone(), None
+    picked = logits.log_softmax(-1).gather(-1, picked_ids(config, batch))  # [b, s, 1 (+k)]
+    assert picked.shape[-1] == (1 if config.base_loss == "ce" else 1 + TOPK)
+    result = corrected_loss(config, PickedLogprobs(picked), batch)
+    (result.loss_sum / result.normalizer).backward()
+    torch.testing.assert_close(result.loss_sum, expected.loss_sum, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(result.normalizer, expected.normalizer, rtol=1e-12, atol=0)
+    torch.testing.assert_close(result.stats, expected.stats, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(logits.grad, expected_grad, rtol=1e-10, atol=1e-12)
+    assert logits.grad.abs().sum() > 0
