@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> None:
 
             print(dry_run(config, world_size), flush=True)
             return
+        from megatron_dcod.training.run_guard import start_parent_watchdog
+
+        start_parent_watchdog()  # a worker whose launcher died exits
         run(config)
     except ValueError as error:  # the model dir, a dataset, a --dcod-* or DeepSpeed setting
         raise SystemExit(f"error: {error}") from None

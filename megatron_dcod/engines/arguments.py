@@ -8,6 +8,7 @@ has is named after it (`--zero-stage`, `--offload-optimizer`, `--deepspeed-confi
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from megatron_dcod.arguments import (
     add_correction_args,
@@ -133,6 +134,13 @@ def config_from_args(args: argparse.Namespace) -> HFTrainConfig:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if args.offload_optimizer and args.zero_stage == 0:
         raise ValueError("--offload-optimizer needs --zero-stage 1, 2 or 3")
+    if args.offload_optimizer and args.optimizer != "adam":
+        raise ValueError("--offload-optimizer runs DeepSpeed's CPU Adam: it needs --optimizer adam")
+    if args.bf16 and args.zero_stage == 0:  # DeepSpeed's bf16 wrapper at stage 0 takes an
+        # optimizer step on zero gradients at start-up (weight decay, Adam's step count)
+        raise ValueError("--bf16 needs --zero-stage 1, 2 or 3")
+    if args.save_hf and Path(args.save_hf).resolve() == Path(args.hf_model).resolve():
+        raise ValueError("--save-hf must not be --hf-model (the export replaces its dir)")
     correction = correction_config_from_args(args)
     return HFTrainConfig(
         hf_model=args.hf_model,

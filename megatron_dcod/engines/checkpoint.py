@@ -63,12 +63,31 @@ def save(engine, directory: str, iteration: int, client_state: dict[str, Any]) -
     """DeepSpeed checkpoint `iter_NNNNNNN` (every rank writes its partitions) + `latest`."""
     state = dict(client_state, iteration=iteration, rng=rng_state())
     engine.save_checkpoint(directory, tag=tag(iteration), client_state=state)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # `latest` is written: every rank may read it now
+
+
+def has_checkpoint(directory: str | None) -> bool:
+    """Whether `directory` holds a DeepSpeed checkpoint, as rank 0 sees it (every rank acts on
+    rank 0's answer: a rank that looked while rank 0 was still writing `latest` would start
+    fresh while the others load)."""
+    found = bool(directory) and Path(directory, LATEST_FILE).is_file()
+    return bool(broadcast_from_rank0(found))
+
+
+def broadcast_from_rank0(value: Any) -> Any:
+    """Rank 0's `value` on every rank (any picklable object)."""
+    if not torch.distributed.is_initialized():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def load(engine, directory: str | None) -> dict[str, Any] | None:
     """The client state of the newest checkpoint under `directory` after loading it into the
     engine; None when there is none (a first run: the weights of --hf-model)."""
-    if not directory or not Path(directory, LATEST_FILE).is_file():
+    if not has_checkpoint(directory):
         return None
     path, client_state = engine.load_checkpoint(directory, load_lr_scheduler_states=False)
     if path is None:
@@ -134,6 +153,7 @@ def _gathered(tensor: torch.Tensor, zero3: bool):
 
 
 def exported_iteration(out: Path) -> int | None:
-    """The iteration an export dir holds (None: no complete export there)."""
+    """The iteration an export dir holds, as rank 0 sees it (None: no complete export)."""
     record = Path(out, EXPORT_RECORD)
-    return json.loads(record.read_text())["iteration"] if record.is_file() else None
+    found = json.loads(record.read_text())["iteration"] if record.is_file() else None
+    return broadcast_from_rank0(found)

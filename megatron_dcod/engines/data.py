@@ -104,6 +104,7 @@ def micro_batches(dataset, consumed_samples: int, layout: Layout) -> Iterator[di
             batch_sampler=sampler,
             num_workers=layout.num_workers,
             pin_memory=layout.pin_memory,
+            generator=torch.Generator().manual_seed(0),  # not a draw from the global RNG
         )
         yield from loader
         consumed_samples = 0

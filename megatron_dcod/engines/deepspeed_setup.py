@@ -23,9 +23,16 @@ RESERVED_KEYS = (
     "gradient_accumulation_steps",
     "optimizer",
     "scheduler",
+    "bf16",
+    "fp16",
+    "gradient_allreduce_op",
+    "managed_gradient_accumulation",
+    "zero_optimization.stage",
+    "zero_optimization.offload_optimizer",
 )
-"""--deepspeed-config may not set these: the engine's sampler, optimizer and schedule follow
-the command line's --micro-batch-size, --global-batch-size, --optimizer and --lr-* flags."""
+"""--deepspeed-config may not set these: the sampler, optimizer, schedule, precision, ZeRO stage
+and the step's gradient arithmetic (a mean over data-parallel ranks of one update per step,
+engines/step.py) follow the command line."""
 SLURM_TO_TORCH = {
     "SLURM_PROCID": "RANK",
     "SLURM_NTASKS": "WORLD_SIZE",
@@ -100,14 +107,22 @@ def deepspeed_config(
     }
     if options.config_file:
         overrides = json.loads(Path(options.config_file).read_text())
-        reserved = sorted(set(overrides) & set(RESERVED_KEYS))
+        reserved = [key for key in RESERVED_KEYS if _has_path(overrides, key)]
         if reserved:
             raise ValueError(
                 f"{options.config_file}: {reserved} are set by the command line (batch sizes, "
-                "--optimizer and --lr-* flags); remove them from the file"
+                "--optimizer, --lr-*, --bf16, --zero-stage, --offload-optimizer); remove them "
+                "from the file"
             )
         config = _merged(config, overrides)
     return config
+
+
+def _has_path(config: dict, dotted: str) -> bool:
+    head, _, rest = dotted.partition(".")
+    if head not in config:
+        return False
+    return not rest or (isinstance(config[head], dict) and _has_path(config[head], rest))
 
 
 def _merged(base: dict, overrides: dict) -> dict:
@@ -159,6 +174,7 @@ def build_scheduler(optimizer, config: OptimizerConfig, train_iters: int, global
         warmup_steps = config.lr_warmup_iters * global_batch
     return OptimizerParamScheduler(
         optimizer,
+        use_checkpoint_opt_param_scheduler=False,  # a resumed run must keep the schedule flags
         init_lr=config.lr_warmup_init,
         max_lr=config.lr,
         min_lr=config.min_lr,

@@ -22,12 +22,13 @@ HEAD_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 """Largest |log-prob| difference between the chunked head and the model's own logits."""
 
 
-def attention_implementation(device: torch.device) -> str | None:
-    """flash_attention_2 on a GPU with flash-attn installed; else transformers' default (SDPA
-    where the architecture supports it)."""
+def attention_implementation(device: torch.device, dtype: torch.dtype) -> str | None:
+    """flash_attention_2 for bf16/fp16 on a GPU with flash-attn installed; else transformers'
+    default (SDPA where the architecture supports it)."""
     from transformers.utils import is_flash_attn_2_available
 
-    if device.type == "cuda" and is_flash_attn_2_available():
+    half = dtype in (torch.bfloat16, torch.float16)
+    if device.type == "cuda" and half and is_flash_attn_2_available():
         return "flash_attention_2"
     return None
 
@@ -48,7 +49,7 @@ def load_student(
     zero3 = HfDeepSpeedConfig(zero3_config) if zero3_config is not None else None  # noqa: F841
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            hf_model, dtype=dtype, attn_implementation=attention_implementation(device)
+            hf_model, dtype=dtype, attn_implementation=attention_implementation(device, dtype)
         )
     finally:
         unset_hf_deepspeed_config()
@@ -122,12 +123,17 @@ class PackedStudent(torch.nn.Module):
 
     def forward(self, tokens, position_ids, segment_ids, ids) -> torch.Tensor:
         base = getattr(self.causal_lm, self.causal_lm.base_model_prefix)
-        mask = None  # flash attention: the per-trace position ids mark the traces
-        if self.attention not in FLASH_IMPLEMENTATIONS:
+        rows, seq = tokens.shape
+        if self.attention in FLASH_IMPLEMENTATIONS:  # the position ids mark the traces; the
+            tokens, position_ids, mask = tokens.view(1, -1), position_ids.view(1, -1), None
+            # varlen path reads them from one row only: the micro-batch as [1, b·s]
+        else:
             mask = block_causal_mask(segment_ids, base.dtype, boolean=self.attention == "sdpa")
         hidden = base(
             input_ids=tokens, position_ids=position_ids, attention_mask=mask, use_cache=False
-        ).last_hidden_state  # [b, s, h]
+        ).last_hidden_state.view(
+            rows, seq, -1
+        )  # [b, s, h]
         head = self.causal_lm.get_output_embeddings()
         return chunked_logprobs_at(hidden, head, ids, self.chunk_tokens, self.causal_lm.config)
 

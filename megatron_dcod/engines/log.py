@@ -7,7 +7,7 @@ Every `--log-interval` steps rank 0 prints one line
     base loss: ... | grad norm: ... |
 
 (the losses and the grad norm are the interval's means of each step's value, as Megatron
-averages them), the weight line of `training.metrics.WeightMetrics` follows it, and validation
+averages them), preceded by the weight line of `training.metrics.WeightMetrics`; validation
 prints `validation loss at iteration N | lm loss value: ... | lm loss PPL: ... |`. Lines are
 flushed one by one; there is no progress bar, so logs under a launcher stay clean. With
 --tensorboard-dir the same values go to TensorBoard under Megatron's tags.

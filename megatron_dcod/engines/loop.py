@@ -48,6 +48,12 @@ class Session:
     iteration: int = 0
     saved_iteration: int | None = None
     """The iteration of the newest checkpoint (loaded or written) under --save."""
+    resumed_iteration: int | None = None
+    """The iteration of the checkpoint this run started from (None: from --hf-model)."""
+    consumed_samples: int = 0
+    """Training sequences read so far over all ranks (the data position)."""
+    lock: Any = None
+    """Rank 0's lock on --save."""
 
 
 def seed_everything(seed: int) -> None:
@@ -58,20 +64,52 @@ def seed_everything(seed: int) -> None:
 
 
 def start(config: HFTrainConfig) -> Session:
-    """Checks, process group, model under DeepSpeed, scheduler, and the newest checkpoint."""
-    import deepspeed
-
-    from megatron_dcod.engines.hf_student import PackedStudent, check_head, load_student
-
+    """Checks, process group, the --save lock, the model under DeepSpeed, the scheduler, and
+    the newest checkpoint."""
     run = prepare(config)  # before DeepSpeed: a bad dataset fails in seconds
     device = init_distributed()
     world = torch.distributed.get_world_size()
     global_batch, accumulation = batch_geometry(config.schedule, world)
-    options = config.deepspeed
     micro = config.schedule.micro_batch_size
     ds_config = deepspeed_config(
-        options, config.optimizer, micro, accumulation, world, gpu=device.type != "cpu"
+        config.deepspeed, config.optimizer, micro, accumulation, world, gpu=device.type != "cpu"
     )
+    lock = agreed_save_lock(config.checkpoint.save)
+    if torch.distributed.get_rank() == 0:
+        write_resolved_config(config, run, ds_config, world)
+    engine, optimizer = _engine(config, run, ds_config, device)
+    scheduler = build_scheduler(
+        optimizer, config.optimizer, config.schedule.train_iters, global_batch
+    )
+    session = Session(config, run, engine, scheduler, device, global_batch, accumulation)
+    session.lock = lock
+    _resume(session)
+    return session
+
+
+def agreed_save_lock(save_dir: str | None):
+    """Rank 0's lock on --save (training/run_guard.py); every rank exits if it is refused."""
+    from megatron_dcod.training.run_guard import lock_save_dir
+
+    lock, refusal = None, None
+    if save_dir and torch.distributed.get_rank() == 0:
+        try:
+            lock = lock_save_dir(save_dir)
+        except SystemExit as error:  # another run holds it
+            refusal = str(error)
+    refusal = checkpoint.broadcast_from_rank0(refusal)
+    if refusal:
+        raise SystemExit(refusal)
+    return lock
+
+
+def _engine(config: HFTrainConfig, run: HFRun, ds_config: dict, device: torch.device):
+    """(DeepSpeed engine around the PackedStudent, its optimizer), in training mode."""
+    import deepspeed
+
+    from megatron_dcod.engines.hf_student import PackedStudent, check_head, load_student
+
+    options = config.deepspeed
     seed_everything(config.schedule.seed)
     dtype = torch.bfloat16 if options.bf16 else torch.float32
     zero3 = ds_config["zero_optimization"]["stage"] == 3
@@ -84,22 +122,30 @@ def start(config: HFTrainConfig) -> Session:
         model=student, optimizer=optimizer, config=ds_config
     )
     check_head(engine.module, run.hf_config.vocab_size, device)
-    scheduler = build_scheduler(
-        optimizer, config.optimizer, config.schedule.train_iters, global_batch
-    )
-    session = Session(config, run, engine, scheduler, device, global_batch, accumulation)
-    if torch.distributed.get_rank() == 0:
-        write_resolved_config(config, run, ds_config, world)
-    resumed = checkpoint.load(engine, config.checkpoint.load)
-    if resumed is not None:
-        session.iteration = resumed["iteration"]
-        if config.checkpoint.load == config.checkpoint.save:
-            session.saved_iteration = session.iteration
-        scheduler.load_state_dict(resumed["scheduler"])
-        _log0(f"resumed from {config.checkpoint.load} at iteration {session.iteration}")
-    elif config.checkpoint.load:
-        _log0(f"no checkpoint in {config.checkpoint.load}: starting from {config.hf_model}")
-    return session
+    engine.train()  # from_pretrained leaves the model in eval mode
+    return engine, optimizer
+
+
+def _resume(session: Session) -> None:
+    """Load the newest checkpoint of --load, if any: weights, optimizer, schedule, position."""
+    config = session.config
+    resumed = checkpoint.load(session.engine, config.checkpoint.load)
+    if resumed is None:
+        if config.checkpoint.load:
+            _log0(f"no checkpoint in {config.checkpoint.load}: starting from {config.hf_model}")
+        return
+    session.iteration = session.resumed_iteration = resumed["iteration"]
+    session.consumed_samples = resumed["consumed_samples"]
+    if config.checkpoint.load == config.checkpoint.save:
+        session.saved_iteration = session.iteration
+    try:
+        session.scheduler.load_state_dict(resumed["scheduler"])
+    except AssertionError as error:  # Megatron's scheduler: a schedule flag changed
+        raise ValueError(
+            f"{config.checkpoint.load}: the learning-rate schedule of the checkpoint differs "
+            f"from the flags ({error}); resume with the flags it was saved with"
+        ) from None
+    _log0(f"resumed from {config.checkpoint.load} at iteration {session.iteration}")
 
 
 def _log0(message: str) -> None:
@@ -144,16 +190,14 @@ class StopRequest:
 def train(config: HFTrainConfig) -> Session:
     """Train to --train-iters (or to a SIGTERM), saving and exporting as configured."""
     from megatron_dcod.training.metrics import WeightMetrics
-    from megatron_dcod.training.run_guard import lock_save_dir
 
     session = start(config)
     rank, schedule = torch.distributed.get_rank(), config.schedule
-    lock = lock_save_dir(config.checkpoint.save) if rank == 0 and config.checkpoint.save else None
     train_data, valid_data, _ = build_splits(
         config.sources, session.run.data, schedule, session.global_batch
     )
     layout = _layout(session)
-    batches = micro_batches(train_data, session.iteration * session.global_batch, layout)
+    batches = micro_batches(train_data, session.consumed_samples, layout)
     valid_batches = None
     if valid_data is not None and schedule.eval_iters > 0 and schedule.eval_interval:
         evaluations = session.iteration // schedule.eval_interval
@@ -177,6 +221,7 @@ def train(config: HFTrainConfig) -> Session:
             totals = train_step(session.engine, config.correction, step_batches, metrics)
             session.scheduler.step(increment=session.global_batch)
             session.iteration += 1
+            session.consumed_samples += session.global_batch
             log.add(totals.lm_loss, totals.base_loss, _grad_norm(session.engine))
             if session.iteration % schedule.log_interval == 0:
                 log.report(session.iteration, _learning_rate(session.engine))
@@ -193,8 +238,8 @@ def train(config: HFTrainConfig) -> Session:
     finally:
         if tensorboard is not None:
             tensorboard.close()
-        if lock is not None:
-            lock.release()
+        if session.lock is not None:
+            session.lock.release()
     return session
 
 
@@ -231,7 +276,7 @@ def _save(session: Session) -> None:
         return
     state = {
         "scheduler": session.scheduler.state_dict(),
-        "consumed_samples": session.iteration * session.global_batch,
+        "consumed_samples": session.consumed_samples,
     }
     checkpoint.save(session.engine, session.config.checkpoint.save, session.iteration, state)
     session.saved_iteration = session.iteration
@@ -239,8 +284,9 @@ def _save(session: Session) -> None:
 
 
 def _export(session: Session, out: Path) -> None:
-    if checkpoint.exported_iteration(out) == session.iteration:
-        return  # a resumed run that already exported this iteration
+    resumed_here = session.resumed_iteration == session.iteration
+    if resumed_here and checkpoint.exported_iteration(out) == session.iteration:
+        return  # a requeued run that had already exported this iteration
     zero3 = session.engine.zero_optimization_stage() == 3
     causal_lm = session.engine.module.causal_lm
     checkpoint.export_hf(causal_lm, Path(session.config.hf_model), out, session.iteration, zero3)

@@ -49,7 +49,34 @@ def check_model_flags(config: HFTrainConfig) -> Any:
 
     hf_config = hf_config_of(config.hf_model)
     check_sequence_length(hf_config, config.data.seq_length)
+    check_architecture(hf_config, config.hf_model)
     return hf_config
+
+
+EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def check_architecture(hf_config: Any, model_dir: str) -> None:
+    """Refuse what the engine would train or export wrongly: mixture-of-experts models (their
+    router's auxiliary loss is not part of the corrected loss) and families that transformers
+    loads through a weight conversion (fused experts, renamed prefixes), which the streaming HF
+    export, writing the names and layout held in memory, does not invert."""
+    experts = max(int(getattr(hf_config, name, 0) or 0) for name in EXPERT_COUNTS)
+    if experts > 1:
+        raise ValueError(
+            f"--hf-model {model_dir}: a mixture-of-experts model ({experts} experts) is not "
+            "supported (the router's auxiliary loss is not part of the corrected loss)"
+        )
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:  # transformers before 5: no load-time weight conversions
+        return
+    if get_checkpoint_conversion_mapping(hf_config.model_type) is not None:
+        raise ValueError(
+            f"--hf-model {model_dir}: {hf_config.model_type} weights are converted as they "
+            "load (transformers' checkpoint conversion mapping), which the engine's HF export "
+            "does not invert; this family is not supported"
+        )
 
 
 def prepare(config: HFTrainConfig) -> HFRun:

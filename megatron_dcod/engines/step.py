@@ -9,9 +9,11 @@ micro-batch's backward runs on Σ m w ℓ · DP / N, since DeepSpeed averages gr
 data-parallel ranks (`scale_wrt_gas=False`: no division by the accumulation steps). The
 gradient is then exactly ∂(Σ_step m w ℓ / N)/∂θ, whatever the split into micro-batches and ranks.
 
-One difference from the Megatron engine: a micro-batch dropped for a non-finite loss (counted
-in the weight metrics) contributes no gradient, but its tokens stay in the `tokens` N, which is
-fixed before the forward passes; the Megatron engine removes them.
+Differences from the Megatron engine: a micro-batch dropped for a non-finite loss (counted in
+the weight metrics) contributes no gradient, but its tokens stay in the `tokens` N, which is
+fixed before the forward passes (the Megatron engine removes them); and with dropout in the
+model, the extra forward pass of `weights` draws its own dropout masks, so N is Σ m·w of that
+pass rather than of the one that backpropagates.
 """
 
 from __future__ import annotations

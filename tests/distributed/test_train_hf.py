@@ -43,13 +43,15 @@ SGD = [
 # (b = −5: the random student has Δ ≈ −5, so w ≈ 1 and varies by token; b = 0 would give w ≈ 0.01)
 ADAM = ["--optimizer=adam", "--lr=1e-2", "--min-lr=1e-3", "--lr-decay-style=cosine",
         "--lr-warmup-iters=2", "--clip-grad=1.0", "--dcod-weighting=dcod"]  # fmt: skip
-SPLITS = {  # run → (ZeRO stage, micro-batch size, processes); the global batch is 4
-    "zero2-micro4": (2, 4, 1),
-    "zero2-micro1x4": (2, 1, 1),
-    "zero3-micro4": (3, 4, 1),
-    "zero3-micro1x4": (3, 1, 1),
-    "zero2-dp2": (2, 1, 2),
-    "zero3-dp2": (3, 1, 2),
+SPLITS = {  # run → (ZeRO stage, micro-batch size, processes, more flags); global batch 4
+    "zero2-micro4": (2, 4, 1, []),
+    "zero2-micro1x4": (2, 1, 1, []),
+    "zero3-micro4": (3, 4, 1, []),
+    "zero3-micro1x4": (3, 1, 1, []),
+    "zero2-dp2": (2, 1, 2, []),
+    "zero3-dp2": (3, 1, 2, []),
+    # the output layer in 8-token chunks (4 per row) and recomputed decoder layers
+    "zero3-dp2-chunked": (3, 1, 2, ["--logits-chunk-tokens=8", "--gradient-checkpointing"]),
 }
 
 
@@ -74,8 +76,8 @@ def runs(tmp_path_factory):
     )
     data = [f"--hf-model={model}", f"--data-path={traces}", *COMMON]
     commands = {1: {}, 2: {}}
-    for name, (stage, micro, nproc) in SPLITS.items():
-        commands[nproc][name] = data + SGD + [
+    for name, (stage, micro, nproc, more) in SPLITS.items():
+        commands[nproc][name] = data + SGD + more + [
             f"--train-iters={ITERS}", f"--zero-stage={stage}", f"--micro-batch-size={micro}",
             "--global-batch-size=4", f"--save-hf={root / 'out' / name}",
         ]  # fmt: skip

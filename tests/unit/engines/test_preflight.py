@@ -94,3 +94,33 @@ def test_batch_geometry_follows_megatron_s_rule():
     assert batch_geometry(parse_config(flags("m", "d")).schedule, 4) == (4, 1)
     with pytest.raises(ValueError, match="not a multiple"):
         batch_geometry(config.schedule, 4)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--optimizer=sgd", "--offload-optimizer=cpu", "--zero-stage=2"],
+            "needs --optimizer adam",
+        ),
+        (["--bf16", "--zero-stage=0"], "--bf16 needs --zero-stage 1, 2 or 3"),
+        (["--offload-optimizer=cpu", "--zero-stage=0"], "needs --zero-stage 1, 2 or 3"),
+        (["--save-hf=m"], "must not be --hf-model"),
+    ],
+)
+def test_flag_combinations_deepspeed_would_get_wrong_are_refused(extra, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_config(flags("m", "d", *extra))
+    assert message in capsys.readouterr().err
+
+
+def test_mixture_of_experts_and_converted_families_are_refused(tmp_path):
+    from transformers import MixtralConfig
+
+    from megatron_dcod.engines.preflight import check_architecture
+
+    config = MixtralConfig(num_local_experts=4)
+    with pytest.raises(ValueError, match="mixture-of-experts model \\(4 experts\\)"):
+        check_architecture(config, str(tmp_path))
+    with pytest.raises(ValueError, match="converted as they load"):  # fused experts on load
+        check_architecture(MixtralConfig(num_local_experts=1), str(tmp_path))
