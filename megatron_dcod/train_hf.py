@@ -20,7 +20,6 @@ def main(argv: list[str] | None = None) -> None:
     from megatron_dcod.megatron import patches
 
     patches.apply(patches.IMPORTS)  # Megatron's datasets, sampler and scheduler; not its devices
-    quiet_libraries()
 
     config = parse_config(argv)
     world_size = requested_dry_run(argv)
@@ -33,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
         from megatron_dcod.training.run_guard import start_parent_watchdog
 
         start_parent_watchdog()  # a worker whose launcher died exits
+        quiet_libraries()
         run(config)
     except ValueError as error:  # the model dir, a dataset, a --dcod-* or DeepSpeed setting
         raise SystemExit(f"error: {error}") from None
