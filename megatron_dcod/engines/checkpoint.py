@@ -15,6 +15,7 @@ whole model; the dir appears under its name only once complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
@@ -143,8 +144,6 @@ def export_hf(causal_lm, template: Path, out: Path, iteration: int, zero3: bool)
 
 def _gathered(tensor: torch.Tensor, zero3: bool):
     """The whole tensor on every rank inside the block (ZeRO-3 keeps each rank's partition)."""
-    import contextlib
-
     if not zero3 or not hasattr(tensor, "ds_id"):
         return contextlib.nullcontext()
     import deepspeed

@@ -20,6 +20,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+TENSORBOARD_TAGS = {"grad norm": "grad-norm"}
+"""Megatron's TensorBoard tag where it differs from the log line's name."""
+
 
 @dataclass
 class IntervalLog:
@@ -67,9 +70,7 @@ class IntervalLog:
         if self.tensorboard is None:
             return
         scalars = {"learning-rate": learning_rate, "tokens-per-second": tokens_per_s}
-        scalars |= {
-            name.replace(" ", "-") if name == "grad norm" else name: v for name, v in means.items()
-        }
+        scalars |= {TENSORBOARD_TAGS.get(name, name): value for name, value in means.items()}
         for name, value in scalars.items():
             self.tensorboard.add_scalar(name, value, iteration)
         self.tensorboard.flush()

@@ -8,7 +8,6 @@ ids beyond its vocabulary (the Megatron engine's dataset checks, `training/prefl
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,6 @@ from megatron_dcod.config import TraceDataConfig
 from megatron_dcod.engines.config import HFTrainConfig
 from megatron_dcod.engines.data import blend_namespace
 from megatron_dcod.engines.deepspeed_setup import batch_geometry, deepspeed_config
-
-RESOLVED_CONFIG_NAME = "dcod_config.json"
 
 
 @dataclass(frozen=True)
@@ -31,23 +28,11 @@ class HFRun:
     """The trace data config with the tokenizer and the diagnostic arrays to load."""
 
 
-def hf_config_of(model_dir: str) -> Any:
-    """AutoConfig of --hf-model; ValueError naming the dir."""
-    from transformers import AutoConfig
-
-    if not Path(model_dir, "config.json").is_file():
-        raise ValueError(f"--hf-model {model_dir}: no config.json there")
-    try:
-        return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    except Exception as error:  # transformers raises several types for a bad config
-        raise ValueError(f"--hf-model {model_dir}: cannot read config.json: {error}") from error
-
-
 def check_model_flags(config: HFTrainConfig) -> Any:
     """The HF config, checked against --seq-length; what the dry run checks too."""
-    from megatron_dcod.models.student import check_sequence_length
+    from megatron_dcod.models.student import check_sequence_length, load_hf_config
 
-    hf_config = hf_config_of(config.hf_model)
+    hf_config = load_hf_config(config.hf_model, flag="--hf-model", any_family=True)
     check_sequence_length(hf_config, config.data.seq_length)
     check_architecture(hf_config, config.hf_model)
     return hf_config
@@ -133,9 +118,6 @@ def write_resolved_config(
         "hf_config": run.hf_config.to_dict(),
         "versions": {"deepspeed": deepspeed.__version__, "transformers": transformers.__version__},
     }
-    path = Path(config.checkpoint.save, RESOLVED_CONFIG_NAME)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(resolved, indent=2, sort_keys=True, default=str))
-    temporary.replace(path)
-    return path
+    from megatron_dcod.training.preflight import write_resolved
+
+    return write_resolved(config.checkpoint.save, resolved)

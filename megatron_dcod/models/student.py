@@ -20,17 +20,21 @@ QKV_BIAS_FAMILIES = ("qwen2",)  # q, k, v projections carry a bias
 QK_NORM_FAMILIES = ("qwen3",)  # RMSNorm on each head's query and key
 
 
-def load_hf_config(config_dir: str | Path) -> Any:
-    """`AutoConfig` from a local dir holding an HF `config.json`; ValueError naming the dir."""
+def load_hf_config(
+    config_dir: str | Path, flag: str = "--hf-config", any_family: bool = False
+) -> Any:
+    """`AutoConfig` from a local dir holding an HF `config.json`; ValueError naming `flag` and
+    the dir. Unless `any_family` (the DeepSpeed engine), only the families the Megatron
+    student maps."""
     from transformers import AutoConfig
 
     if not Path(config_dir, "config.json").is_file():
-        raise ValueError(f"--hf-config {config_dir}: no config.json there")
+        raise ValueError(f"{flag} {config_dir}: no config.json there")
     try:
         config = AutoConfig.from_pretrained(str(config_dir), local_files_only=True)
     except Exception as error:  # transformers raises several types for a bad config
-        raise ValueError(f"--hf-config {config_dir}: cannot read config.json: {error}") from error
-    if config.model_type not in SUPPORTED_FAMILIES:
+        raise ValueError(f"{flag} {config_dir}: cannot read config.json: {error}") from error
+    if not any_family and config.model_type not in SUPPORTED_FAMILIES:
         raise ValueError(
             f"--hf-config {config_dir}: model_type {config.model_type!r} is not one of "
             f"{SUPPORTED_FAMILIES}"

@@ -189,7 +189,12 @@ def write_resolved_config(args: argparse.Namespace, run: TrainingRun) -> Path | 
         "data": asdict(run.data),
         "hf_config": run.hf_config.to_dict(),
     }
-    path = Path(args.save, RESOLVED_CONFIG_NAME)
+    return write_resolved(args.save, resolved)
+
+
+def write_resolved(save_dir: str, resolved: dict[str, Any]) -> Path:
+    """`{save_dir}/dcod_config.json`, replaced atomically (both engines)."""
+    path = Path(save_dir, RESOLVED_CONFIG_NAME)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".json.tmp")
     temporary.write_text(json.dumps(resolved, indent=2, sort_keys=True, default=str))
