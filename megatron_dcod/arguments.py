@@ -25,6 +25,7 @@ from megatron_dcod.config import (
     ScoringConfig,
     TraceDataConfig,
 )
+from megatron_dcod.data.engine_records import RECORD_FORMATS
 from megatron_dcod.data.sources import SUPERVISED_SOURCES
 
 
@@ -67,6 +68,13 @@ def add_preprocess_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     names = parser.add_argument_group("record field names")
     for name, default in vars(RecordFields()).items():
         names.add_argument(f"--{name.replace('_', '-')}-field", default=default, metavar="NAME")
+    names.add_argument(
+        "--record-format",
+        choices=RECORD_FORMATS,
+        default="auto",
+        help="where teacher log-probs come from: native fields, or the output of vllm, sglang "
+        "or an openai-compatible server for the whole rendered sequence (auto: detected)",
+    )
 
     scoring = parser.add_argument_group("scoring with HF models (when records carry no log-probs)")
     scoring.add_argument(
@@ -82,13 +90,23 @@ def add_preprocess_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="initial student that computes ref_logprobs (iw-SFT)",
     )
     scoring.add_argument("--score-topk", type=int, default=0, help="also store the teacher top-k")
-    scoring.add_argument("--score-device", default="cpu", help="cpu, cuda, cuda:N")
+    scoring.add_argument(
+        "--score-backend",
+        choices=("hf", "vllm"),
+        default="hf",
+        help="hf: batched forward passes on --score-device; vllm: offline vLLM prompt "
+        "log-probs on --score-tensor-parallel-size visible GPUs",
+    )
+    scoring.add_argument(
+        "--score-tensor-parallel-size", type=int, default=1, help="GPUs per vLLM engine (vllm)"
+    )
+    scoring.add_argument("--score-device", default="cpu", help="cpu, cuda, cuda:N (hf backend)")
     scoring.add_argument("--score-dtype", choices=("fp32", "bf16"), default="fp32")
     scoring.add_argument(
         "--score-batch-tokens",
         type=int,
         default=16384,
-        help="padded tokens per scoring forward pass",
+        help="hf: padded tokens per scoring forward pass; vllm: trace tokens per generate call",
     )
     return parser
 
@@ -97,6 +115,15 @@ def preprocess_config_from_args(args: argparse.Namespace) -> PreprocessConfig:
     """PreprocessConfig from parsed flags, with the cross-flag checks."""
     if args.score_topk and not args.score_with:
         raise ValueError("--score-topk needs --score-with")
+    if args.score_backend == "vllm" and not (args.score_with or args.ref_model):
+        raise ValueError("--score-backend vllm needs --score-with or --ref-model")
+    if args.score_backend == "vllm" and args.score_device != "cpu":
+        raise ValueError(
+            "--score-device is for --score-backend hf: vLLM runs on the visible GPUs "
+            "(choose them with CUDA_VISIBLE_DEVICES)"
+        )
+    if args.score_tensor_parallel_size != 1 and args.score_backend != "vllm":
+        raise ValueError("--score-tensor-parallel-size is for --score-backend vllm")
     if args.max_seq_length is not None and args.max_seq_length < 2:
         raise ValueError("--max-seq-length must be at least 2")
     if args.workers < 1 or args.shard_records < 1:
@@ -114,6 +141,7 @@ def preprocess_config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         shard_records=args.shard_records,
         skip_bad=args.skip_bad,
         overwrite=args.overwrite,
+        record_format=args.record_format,
         scoring=ScoringConfig(
             teacher_model=args.score_with,
             ref_model=args.ref_model,
@@ -121,6 +149,8 @@ def preprocess_config_from_args(args: argparse.Namespace) -> PreprocessConfig:
             device=args.score_device,
             dtype=args.score_dtype,
             batch_tokens=args.score_batch_tokens,
+            backend=args.score_backend,
+            tensor_parallel_size=args.score_tensor_parallel_size,
         ),
     )
 

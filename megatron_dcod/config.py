@@ -34,7 +34,7 @@ class RecordFields:
 
 @dataclass(frozen=True)
 class ScoringConfig:
-    """How to compute log-probs with an HF causal LM when the records carry none."""
+    """How to compute log-probs with an HF causal LM (model dir) when the records carry none."""
 
     teacher_model: str | None = None
     """HF model dir that scores teacher log-probs (replaces any the records carry)."""
@@ -43,11 +43,18 @@ class ScoringConfig:
     topk: int = 0
     """Also store the teacher's top-k ids and log-probs per token (0: none)."""
     device: str = "cpu"
-    """Torch device of the scoring models ("cpu", "cuda", "cuda:1", ...)."""
+    """Torch device of the scoring models ("cpu", "cuda", "cuda:1", ...); hf backend only."""
     dtype: str = "fp32"
     """Weights dtype of the scoring models: "fp32" or "bf16" (log-softmax is always fp32)."""
     batch_tokens: int = 16384
-    """Padded tokens per forward pass (batch size × longest trace in the batch)."""
+    """hf: padded tokens per forward pass (batch size × longest trace in the batch); vllm:
+    trace tokens per generate call (vLLM schedules its own batches inside a call)."""
+    backend: str = "hf"
+    """Which engine scores: "hf" (batched forward passes, inference/trace_scorer.py) or "vllm"
+    (offline vLLM prompt log-probs on the visible GPUs, the raw distribution at temperature 1,
+    inference/vllm_scorer.py)."""
+    tensor_parallel_size: int = 1
+    """vllm: GPUs each vLLM engine splits its model over (`tensor_parallel_size` of vllm.LLM)."""
 
 
 @dataclass(frozen=True)
@@ -76,8 +83,13 @@ class PreprocessConfig:
     """Skip malformed or invalid records (counted in meta.json) instead of failing."""
     overwrite: bool = False
     """Rebuild even if an up-to-date dataset exists at the prefix."""
+    record_format: str = "auto"
+    """Where a record's teacher log-probs come from: "native" (teacher_logprobs /
+    teacher_token_ids / teacher_topk fields), "vllm", "sglang" or "openai" (an inference engine's
+    output for the whole rendered sequence, data/engine_records.py), or "auto" (native fields if
+    present, else the engine format whose fields the record has)."""
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
-    """Teacher / reference scoring with HF models."""
+    """Teacher / reference scoring with HF models (HF or vLLM backend)."""
 
 
 WEIGHTINGS = ("sft", "dft", "iw_sft", "dcod")

@@ -1,27 +1,32 @@
 #!/bin/bash
-# Teacher traces without log-probs → a trace dataset whose teacher log-probs (and top-k) the
-# teacher computes on a GPU (tools/preprocess_traces.py --score-with).
+# Add a teacher's log-probs (and top-k) to trace datasets with the Megatron scorer
+# (python -m megatron_dcod.score): the teacher split over TP (× PP) GPUs, the traces over the
+# data-parallel replicas, across NNODES nodes.
 #
-#   INPUT=traces.jsonl TEACHER=models/Qwen2.5-32B-Instruct TOKENIZER=models/Qwen2.5-7B \
-#       OUTPUT_PREFIX=data/traces sbatch slurm/score_teacher.sh
+#   TEACHER=models/Qwen2.5-32B-Instruct TEACHER_CKPT=ckpt/qwen2.5-32b-tp4 \
+#       DATA_PATH=data/traces sbatch slurm/score_teacher.sh
 #   DRY_RUN=1 bash slurm/score_teacher.sh          # print the command
 #
-# The teacher must share the student's vocabulary. HF transformers holds it on one GPU in bf16
-# (2 bytes/param: a 32B teacher takes 64 GB of an 80 GB H100); a larger teacher is scored
-# elsewhere (e.g. vLLM with prompt log-probs) and its records go through slurm/preprocess.sh.
-# Resumable like preprocess.sh: a requeued job continues after the last finished shard.
+# Before: the datasets (slurm/preprocess.sh, records without log-probs) and the teacher as a
+# Megatron checkpoint (MODE=import-hf HF_DIR=$TEACHER OUT=$TEACHER_CKPT bash slurm/convert_hf.sh;
+# torch_dist checkpoints load at any TP/PP). The teacher must share the student's tokenizer
+# (checked before any work). AS=ref with the initial student writes ref_logprobs (iw-SFT).
+# Stopped by the time limit or preempted, the job requeues and skips the finished shards; a
+# rerun of a finished job is a no-op. The datasets must be on a file system every node sees.
 #
-# ---- resources: the teacher on one GPU, tokenizer workers on the CPUs ----------------------
+# ---- resources: one torchrun per node, one scorer process per GPU ----------------------------
 #SBATCH --job-name=dcod-score
-#SBATCH --nodes=1
-#SBATCH --ntasks=1
-#SBATCH --gpus-per-node=1
-#SBATCH --cpus-per-task=16
-#SBATCH --mem=128G
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=32
+#SBATCH --mem=0
+#SBATCH --exclusive
 #SBATCH --time=12:00:00
 #SBATCH --output=%x-%j.log
 #SBATCH --open-mode=append
 #SBATCH --requeue
+#SBATCH --signal=B:USR1@120
 
 set -euo pipefail
 
@@ -34,38 +39,56 @@ fi
 # shellcheck source=slurm/common.sh
 source "${REPO_ROOT}/slurm/common.sh"
 
-: "${INPUT:=${REPO_ROOT}/data/raw/traces.jsonl}" # files or HF dataset dirs; globs expand
-: "${OUTPUT_PREFIX:=${REPO_ROOT}/data/traces}"
-: "${TOKENIZER:=${REPO_ROOT}/models/student}"    # the STUDENT's HF tokenizer dir
-: "${TEACHER:=${REPO_ROOT}/models/teacher}"      # HF model dir of the teacher
-: "${REF_MODEL:=}"              # the initial student's HF dir: also store ref_logprobs (iw-SFT)
-: "${TOPK:=8}"                  # teacher top-k per token (--dcod-base-loss kl / todi)
-: "${SCORE_DTYPE:=bf16}"
-: "${SCORE_BATCH_TOKENS:=65536}" # padded tokens per forward pass; lower it on out-of-memory
-: "${MAX_SEQ_LENGTH:=16384}"
-: "${CPUS:=${SLURM_CPUS_PER_TASK:-$(nproc)}}"
-: "${WORKERS:=$((CPUS > 1 ? CPUS - 1 : 1))}"
+: "${DATA_PATH:=${REPO_ROOT}/data/traces}"        # dataset prefixes, scored one after the other
+: "${TEACHER:=${REPO_ROOT}/models/teacher}"       # HF dir: config.json and tokenizer
+: "${TEACHER_CKPT:=${REPO_ROOT}/ckpt/teacher}"    # its Megatron checkpoint (import-hf)
+: "${AS:=teacher}"              # teacher: teacher_logprobs (+ top-k); ref: ref_logprobs
+: "${TOPK:=8}"                  # teacher top-k per token (--dcod-base-loss kl / todi); 0: none
+: "${OVERWRITE:=0}"             # 1: replace arrays the datasets already have
+
+# ---- parallelism -----------------------------------------------------------------------------
+# world = NNODES × GPUS_PER_NODE = 2 × 8 = 16 GPUs; DP = world / (TP × PP) = 16 / 4 = 4 replicas.
+# A 32B teacher in bf16 is 64 GB of weights: 16 GB per GPU at TP=4, leaving room for one packed
+# 16k-token row's activations and its logits (fp32 log-softmax in chunks of 4096 tokens:
+# 4096 × 152k / 4 × 4 B ≈ 0.6 GB). TP must divide the attention heads and KV groups (8 for
+# Qwen2.5-32B) and stay inside a node; PP splits the layers for 70B-class teachers.
+: "${NNODES:=${SLURM_NNODES:-2}}"
+: "${GPUS_PER_NODE:=8}"
+: "${TP:=4}"
+: "${PP:=1}"
+: "${SEQ_LENGTH:=16384}"        # tokens per packed row; the longest trace must fit
+: "${MICRO_BATCH:=1}"           # rows per forward pass
+: "${SHARD_TRACES:=1024}"       # traces per resumable shard, dealt to the DP replicas in turn
 : "${EXTRA_ARGS:=}"
 
-expand_paths inputs "${INPUT}"
+read -r -a data_paths <<<"${DATA_PATH}"
 read -r -a extra_args <<<"${EXTRA_ARGS}"
-
 SCORE_ARGS=(
-    --input "${inputs[@]}"
-    --output-prefix "${OUTPUT_PREFIX}"
-    --tokenizer "${TOKENIZER}"
-    --max-seq-length "${MAX_SEQ_LENGTH}"
-    --workers "${WORKERS}"
-    --score-with "${TEACHER}"
-    --score-topk "${TOPK}"
-    --score-device cuda
-    --score-dtype "${SCORE_DTYPE}"
-    --score-batch-tokens "${SCORE_BATCH_TOKENS}"
+    --hf-config "${TEACHER}"
+    --load "${TEACHER_CKPT}"
+    --data-path "${data_paths[@]}"
+    --as "${AS}"
+    --tensor-model-parallel-size "${TP}"
+    --pipeline-model-parallel-size "${PP}"
+    --seq-length "${SEQ_LENGTH}"
+    --micro-batch-size "${MICRO_BATCH}"
+    --shard-traces "${SHARD_TRACES}"
+    --bf16
 )
-if [[ -n "${REF_MODEL}" ]]; then
-    SCORE_ARGS+=(--ref-model "${REF_MODEL}")
+if [[ "${AS}" == teacher && "${TOPK}" != 0 ]]; then
+    SCORE_ARGS+=(--topk "${TOPK}")
+fi
+if [[ "${OVERWRITE}" == 1 ]]; then
+    SCORE_ARGS+=(--overwrite)
 fi
 SCORE_ARGS+=("${extra_args[@]}")
 
-log "score ${#inputs[@]} input(s) with ${TEACHER} (top-${TOPK}) → ${OUTPUT_PREFIX}"
-run_or_print "${PYTHON}" tools/preprocess_traces.py "${SCORE_ARGS[@]}"
+log "score ${#data_paths[@]} dataset(s) as ${AS} with ${TEACHER_CKPT}: TP ${TP} × PP ${PP} on ${NNODES} × ${GPUS_PER_NODE} GPUs"
+status=0
+launch_torchrun -m megatron_dcod.score "${SCORE_ARGS[@]}" || status=$?
+if [[ "${STOP_REQUESTED}" == 1 && "${status}" != 0 ]]; then # the time limit: shards are kept
+    log "stopped before the end: requeueing job ${SLURM_JOB_ID}"
+    scontrol requeue "${SLURM_JOB_ID}"
+    exit 0
+fi
+exit "${status}"

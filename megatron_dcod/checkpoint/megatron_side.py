@@ -35,9 +35,12 @@ def check_parallel_layout(config: Any, tensor_parallel: int, pipeline_parallel: 
         )
 
 
-def megatron_args(hf_dir: Path, flags: list[str], tensor_parallel: int, pipeline_parallel: int):
+def megatron_args(
+    hf_dir: Path, flags: list[str], tensor_parallel: int, pipeline_parallel: int, cpu: bool = True
+):
     """Megatron's validated arguments for the HF architecture at the given layout, built the way
     the trainer builds them (same architecture flags, same vocabulary padding); no globals.
+    `cpu`: with the CPU mode's flags (the converters; the scorer where CUDA is absent).
     Needs the library patches (`conversion_session`)."""
     from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
 
@@ -51,7 +54,7 @@ def megatron_args(hf_dir: Path, flags: list[str], tensor_parallel: int, pipeline
         "--ckpt-format=torch_dist",
         *flags,
     ]
-    args = argv.parse(flags, cpu=True, world_size=tensor_parallel * pipeline_parallel, quiet=True)
+    args = argv.parse(flags, cpu=cpu, world_size=tensor_parallel * pipeline_parallel, quiet=True)
     build_tokenizer(args)  # sets args.padded_vocab_size as the trainer's tokenizer does
     return args
 

@@ -25,6 +25,8 @@ import numpy as np
 from megatron_dcod.config import PreprocessConfig, RecordFields
 from megatron_dcod.data.chat import ChatTemplateError, ChatTokenizer, Rendered, Tokenized
 from megatron_dcod.data.chat import tokenize_rendered
+from megatron_dcod.data.engine_align import engine_teacher_arrays
+from megatron_dcod.data.engine_records import RECORD_FORMATS, EngineOutputError
 from megatron_dcod.data.records import ParsedRecord, RawRecord, RecordError, RecordLocation
 from megatron_dcod.data.records import iter_raw_records, parse_record
 from megatron_dcod.data.trace_format import Trace, TraceFormatError
@@ -42,6 +44,14 @@ class EncodeOptions:
     overlong: str  # "truncate" | "drop"
     keep_record_teacher: bool
     """Use the teacher arrays the records carry (False when a teacher model re-scores)."""
+    record_format: str = "auto"
+    """auto, native, vllm, sglang or openai (PreprocessConfig.record_format)."""
+
+    def __post_init__(self) -> None:
+        if self.record_format not in RECORD_FORMATS:
+            raise ValueError(
+                f"record format must be one of {RECORD_FORMATS}: {self.record_format!r}"
+            )
 
 
 @dataclass
@@ -79,7 +89,7 @@ def prepare_records(
     prepared: list[PreparedRecord | BadRecord] = []
     for location, payload in raw_records:
         try:
-            record = parse_record(payload, location, options.fields)
+            record = parse_record(payload, location, options.fields, options.record_format)
             rendered = chat.render_with_spans(record.messages, record.segments)
             prepared.append(PreparedRecord(location, record, rendered))
         except RecordError as error:
@@ -130,10 +140,13 @@ def _to_trace(
 ) -> EncodedRecord | BadRecord:
     tokens, loss_mask, source = tokenized  # source [T] only for records with segments
     try:
-        trace = Trace(tokens=tokens, loss_mask=loss_mask, source=source)
-        if options.keep_record_teacher and record.teacher_logprobs is not None:
+        teacher = {}
+        if options.keep_record_teacher and record.engine is not None:
+            teacher = engine_teacher_arrays(record.engine, tokens, loss_mask, chat.tokenizer)
+        trace = Trace(tokens=tokens, loss_mask=loss_mask, source=source, **teacher)
+        if not teacher and options.keep_record_teacher and record.teacher_logprobs is not None:
             _attach_teacher(trace, record, chat)
-    except (RecordError, TraceFormatError) as error:
+    except (RecordError, TraceFormatError, EngineOutputError) as error:
         return BadRecord(location, f"{location}: {error}", malformed_json=False)
     return _apply_length_limit(location, trace, record.sidecar, options)
 
@@ -292,27 +305,33 @@ def _stop_resource_tracker() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Teacher / reference scoring with HF causal LMs.
+# Teacher / reference scoring with HF causal LMs (HF forward passes or offline vLLM).
 
 
 def load_scorers(config: PreprocessConfig, tokenizer: ChatTokenizer) -> dict[str, Any]:
+    """The scorers of the teacher and reference models that are configured, by role."""
     scoring = config.scoring
     models = {"teacher": scoring.teacher_model, "ref": scoring.ref_model}
-    if not any(models.values()):
+    models = {role: model_dir for role, model_dir in models.items() if model_dir}
+    if scoring.backend not in ("hf", "vllm"):
+        raise ValueError(f"scoring backend must be hf or vllm, got {scoring.backend!r}")
+    if not models:
         return {}
-    from megatron_dcod.inference.trace_scorer import CausalLMScorer
+    common = dict(dtype=scoring.dtype, batch_tokens=scoring.batch_tokens)
+    common["min_vocab_size"] = len(tokenizer.tokenizer)
+    if scoring.backend == "vllm":
+        from megatron_dcod.inference.vllm_scorer import VLLMTraceScorer as Scorer
 
+        common["tensor_parallel_size"] = scoring.tensor_parallel_size
+        if len(models) > 1:  # two engines on the same GPUs: vLLM's default 0.9 split in two
+            common["gpu_memory_utilization"] = 0.9 / len(models)
+    else:
+        from megatron_dcod.inference.trace_scorer import CausalLMScorer as Scorer
+
+        common["device"] = scoring.device
     return {
-        role: CausalLMScorer(
-            model_dir,
-            device=scoring.device,
-            dtype=scoring.dtype,
-            batch_tokens=scoring.batch_tokens,
-            topk=scoring.topk if role == "teacher" else 0,
-            min_vocab_size=len(tokenizer.tokenizer),
-        )
+        role: Scorer(model_dir, topk=scoring.topk if role == "teacher" else 0, **common)
         for role, model_dir in models.items()
-        if model_dir
     }
 
 

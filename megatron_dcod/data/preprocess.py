@@ -18,6 +18,7 @@ import shutil
 from collections import Counter
 from contextlib import ExitStack, closing
 from dataclasses import asdict, replace
+from functools import reduce
 from itertools import chain, islice
 from pathlib import Path
 from typing import Any, Iterator
@@ -47,6 +48,13 @@ logger = logging.getLogger(__name__)
 
 MAX_BAD_RECORDS_LOGGED = 10
 INPUT_ERRORS = (ValueError, FileNotFoundError)  # bad input: rerunning cannot help
+LATER_SETTINGS = (
+    ("record_format", "auto"),
+    ("scoring.backend", "hf"),
+    ("scoring.tensor_parallel_size", 1),
+)
+"""Settings added after the first datasets were built, with their defaults: left out of the
+build key at those defaults, so that rerunning an older dataset's command stays a no-op."""
 
 
 def preprocess_traces(config: PreprocessConfig, command: str = "") -> dict[str, Any]:
@@ -123,6 +131,7 @@ def _write_shards(config: PreprocessConfig, chat: ChatTokenizer, work: _WorkDir)
         max_seq_length=config.max_seq_length,
         overlong=config.overlong,
         keep_record_teacher=config.scoring.teacher_model is None,
+        record_format=config.record_format,
     )
     done = work.records_done()
     if done:
@@ -248,7 +257,7 @@ def _describe_input(path: str) -> dict[str, Any]:
     }
 
 
-def _describe_model_dir(model_dir: str | None) -> list | None:
+def describe_model_dir(model_dir: str | None) -> list | None:
     """Names, sizes and modification times of a model dir's files (weights are not hashed)."""
     if model_dir is None:
         return None
@@ -260,14 +269,19 @@ def _build_key(config: PreprocessConfig, inputs: list[dict], tokenizer: ChatToke
     """Hash of everything the dataset's contents depend on (not of workers or --overwrite).
 
     Shard size is included: a resumed build must cut the records where the first run did."""
-    relevant = replace(config, workers=1, overwrite=False)
+    settings = asdict(replace(config, workers=1, overwrite=False))
+    for name, default in LATER_SETTINGS:  # at their default: hashed as before they existed
+        *parents, leaf = name.split(".")
+        owner = reduce(dict.__getitem__, parents, settings)
+        if owner[leaf] == default:
+            del owner[leaf]
     described = {
         "format_version": FORMAT_VERSION,
         "code_version": megatron_dcod.__version__,
-        "config": asdict(relevant),
+        "config": settings,
         "inputs": [entry["sha256"] for entry in inputs],
         "tokenizer": asdict(tokenizer.fingerprint),
-        "teacher_model": _describe_model_dir(config.scoring.teacher_model),
-        "ref_model": _describe_model_dir(config.scoring.ref_model),
+        "teacher_model": describe_model_dir(config.scoring.teacher_model),
+        "ref_model": describe_model_dir(config.scoring.ref_model),
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()

@@ -16,6 +16,10 @@ from typing import Any, Iterator
 import numpy as np
 
 from megatron_dcod.config import RecordFields
+from megatron_dcod.data.engine_openai import read_openai
+from megatron_dcod.data.engine_records import ENGINE_KEYS, RECORD_FORMATS, EngineLogprobs
+from megatron_dcod.data.engine_records import EngineOutputError, detect_format, read_sglang
+from megatron_dcod.data.engine_records import read_vllm
 from megatron_dcod.data.sources import SOURCE_CODES, SUPERVISED_SOURCES
 
 import orjson
@@ -118,22 +122,68 @@ class ParsedRecord:
     sidecar: dict[str, Any] | None = None  # free metadata (answer, ids, ...)
     segments: list[tuple[int, str]] | None = None
     """(source code, text) of the pieces of the response, in order (None: no `segments`)."""
+    engine: EngineLogprobs | None = None
+    """An inference engine's output for the whole rendered sequence (engine-format records,
+    data/engine_records.py), in place of the native teacher arrays."""
 
 
-def parse_record(payload: Any, location: RecordLocation, fields: RecordFields) -> ParsedRecord:
-    """Turn a raw payload into a ParsedRecord, or raise RecordError saying what is wrong."""
+def parse_record(
+    payload: Any, location: RecordLocation, fields: RecordFields, record_format: str = "auto"
+) -> ParsedRecord:
+    """Turn a raw payload into a ParsedRecord, or raise RecordError saying what is wrong.
+    `record_format`: auto (native teacher fields, else the engine format detected), native,
+    vllm, sglang or openai (data/engine_records.py)."""
     if isinstance(payload, (bytes, str)):
         payload = loads_record(payload, location)
     if not isinstance(payload, dict):
         raise RecordError(location, f"a record must be a JSON object, got {type(payload).__name__}")
     record = dict(payload)
     messages = _messages_of(record, location, fields)
-    teacher = _teacher_arrays(record, location, fields)
+    engine_format = _engine_format(record, location, fields, record_format)
+    teacher = _teacher_arrays(record, location, fields) if engine_format is None else {}
+    engine = None if engine_format is None else _engine_output(record, location, engine_format)
     segments = _segments_of(record, location, fields.segments, messages)
     consumed = {fields.messages, fields.prompt, fields.response, fields.system, fields.segments}
     consumed |= {fields.teacher_logprobs, fields.teacher_token_ids, fields.teacher_topk}
+    consumed |= set(ENGINE_KEYS.get(engine_format, ()))
     sidecar = {key: value for key, value in record.items() if key not in consumed}
-    return ParsedRecord(messages=messages, sidecar=sidecar, segments=segments, **teacher)
+    return ParsedRecord(messages, sidecar=sidecar, segments=segments, engine=engine, **teacher)
+
+
+def _engine_format(
+    record: dict, location: RecordLocation, fields: RecordFields, record_format: str
+) -> str | None:
+    """The engine format to read (None: native teacher fields, or none at all). In auto mode
+    native teacher fields win, so records of the native format read as they always did."""
+    if record_format not in RECORD_FORMATS:
+        raise ValueError(f"record format must be one of {RECORD_FORMATS}, got {record_format!r}")
+    if record_format == "native":
+        return None
+    native = [
+        name
+        for name in (fields.teacher_logprobs, fields.teacher_token_ids, fields.teacher_topk)
+        if record.get(name) is not None
+    ]
+    if record_format == "auto":
+        return None if native else detect_format(record)
+    if native:
+        raise RecordError(
+            location,
+            f"--record-format {record_format}, but the record carries the native teacher "
+            f"field(s) {native}: use --record-format native, or drop them",
+        )
+    return record_format
+
+
+def _engine_output(record: dict, location: RecordLocation, engine_format: str) -> EngineLogprobs:
+    try:
+        readers = {"vllm": read_vllm, "sglang": read_sglang, "openai": read_openai}
+        return readers[engine_format](record)
+    except EngineOutputError as error:
+        detected = detect_format(record)
+        looks = f" (the record looks like {detected} output)" if detected else ""
+        looks = "" if detected == engine_format else looks
+        raise RecordError(location, f"{engine_format} output: {error}{looks}") from None
 
 
 def loads_record(line: bytes | str, location: RecordLocation) -> Any:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from megatron_dcod.engines.config import DeepSpeedOptions, OptimizerConfig, ScheduleConfig
+from megatron_dcod.platform.launch import adopt_slurm_ranks
 
 RESERVED_KEYS = (
     "train_batch_size",
@@ -33,11 +34,6 @@ RESERVED_KEYS = (
 """--deepspeed-config may not set these: the sampler, optimizer, schedule, precision, ZeRO stage
 and the step's gradient arithmetic (a mean over data-parallel ranks of one update per step,
 engines/step.py) follow the command line."""
-SLURM_TO_TORCH = {
-    "SLURM_PROCID": "RANK",
-    "SLURM_NTASKS": "WORLD_SIZE",
-    "SLURM_LOCALID": "LOCAL_RANK",
-}
 
 
 def init_distributed() -> torch.device:
@@ -47,9 +43,7 @@ def init_distributed() -> torch.device:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
-        for slurm, torch_name in SLURM_TO_TORCH.items():
-            os.environ[torch_name] = os.environ[slurm]
+    adopt_slurm_ranks()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):

@@ -43,6 +43,28 @@ class _BatchLogProbs:
     topk_logp: np.ndarray | None  # [b, s-1, k] float32
 
 
+def empty_scored_trace(topk: int) -> ScoredTrace:
+    """The result for a trace without tokens (every scorer's)."""
+    if not topk:
+        return ScoredTrace(np.zeros(0, dtype=np.float32))
+    return ScoredTrace(
+        np.zeros(0, dtype=np.float32),
+        np.zeros((0, topk), dtype=np.int32),
+        np.zeros((0, topk), dtype=np.float16),
+    )
+
+
+def check_trace(tokens: np.ndarray, loss_mask: np.ndarray, vocab_size: int) -> None:
+    """Same lengths, token ids inside the scoring model's vocabulary (every scorer's check)."""
+    if tokens.shape != loss_mask.shape or tokens.ndim != 1:
+        raise ValueError(f"tokens {tokens.shape} and loss_mask {loss_mask.shape} differ")
+    if len(tokens) and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ValueError(
+            f"token ids span [{tokens.min()}, {tokens.max()}], outside the scoring model's "
+            f"vocabulary of {vocab_size}"
+        )
+
+
 class CausalLMScorer:
     """Batched forward passes of a local HF causal LM, log-softmax in fp32."""
 
@@ -86,24 +108,10 @@ class CausalLMScorer:
         return results
 
     def _empty_trace(self) -> ScoredTrace:
-        """The result for a trace without tokens."""
-        if not self.topk:
-            return ScoredTrace(np.zeros(0, dtype=np.float32))
-        return ScoredTrace(
-            np.zeros(0, dtype=np.float32),
-            np.zeros((0, self.topk), dtype=np.int32),
-            np.zeros((0, self.topk), dtype=np.float16),
-        )
+        return empty_scored_trace(self.topk)
 
     def _check_trace(self, tokens: np.ndarray, loss_mask: np.ndarray) -> None:
-        """Same lengths, token ids inside the model's vocabulary."""
-        if tokens.shape != loss_mask.shape or tokens.ndim != 1:
-            raise ValueError(f"tokens {tokens.shape} and loss_mask {loss_mask.shape} differ")
-        if len(tokens) and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
-            raise ValueError(
-                f"token ids span [{tokens.min()}, {tokens.max()}], outside the scoring model's "
-                f"vocabulary of {self.vocab_size}"
-            )
+        check_trace(tokens, loss_mask, self.vocab_size)
 
     @torch.inference_mode()
     def _score_batch(self, batch_tokens: list[np.ndarray]) -> _BatchLogProbs:

@@ -12,11 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from megatron_dcod.inference.engine import Generation, SamplingConfig, Score
 from megatron_dcod.inference.engine import context_check, failed_generation, failed_score
 from megatron_dcod.inference.engine import run_isolated
 
 VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+RAW_ONE_TOKEN = dict(n=1, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=1)
+"""Scoring requests: one generated token from the model's unmodified distribution."""
 
 
 class VLLMEngine:
@@ -105,11 +109,7 @@ class VLLMEngine:
                 f"top-{topk} exceeds this vLLM engine's max_logprobs={self.max_logprobs}"
             )
         params = SamplingParams(
-            n=1,
-            temperature=1.0,
-            top_p=1.0,
-            top_k=-1,
-            max_tokens=1,
+            **RAW_ONE_TOKEN,
             prompt_logprobs=1,  # the actual token's entry is always there, in the top-1 or not
             logprobs=max(topk, 1),
         )
@@ -118,8 +118,8 @@ class VLLMEngine:
             sequences = [requests[i][0] + requests[i][1] for i in batch]
             outputs = self._run(sequences, [params] * len(batch))
             return [
-                _score(output, len(requests[i][0]), requests[i][1], topk)
-                for output, i in zip(outputs, batch)
+                _score(output, sequence, len(requests[i][0]), topk)
+                for output, sequence, i in zip(outputs, sequences, batch)
             ]
 
         def invalid(i: int) -> str | None:
@@ -161,17 +161,22 @@ def _generation(output) -> Generation:
     return Generation(completion.text, ids, "eos")
 
 
-def _score(output, context_length: int, continuation: list[int], topk: int) -> Score:
-    """Read one RequestOutput: prompt_logprobs[i] is {token id: Logprob} for prompt token i."""
-    entries = output.prompt_logprobs[context_length:]
+def _score(output, sequence: list[int], context_length: int, topk: int) -> Score:
+    """Read one RequestOutput with the reader of vLLM records (data/engine_records.py): the
+    continuation's prompt log-probs, and the top-k of the one token generated after it."""
+    from megatron_dcod.data.engine_records import EngineOutputError, vllm_prompt_logprobs
+
     try:
-        logprobs = [entry[token].logprob for entry, token in zip(entries, continuation)]
-    except (KeyError, TypeError) as error:
-        return Score(error=f"vLLM returned no log-prob for a continuation token: {error!r}")
-    score = Score(logprobs)
-    if topk:
-        next_token = output.outputs[0].logprobs[0]  # {id: Logprob}: the top-k and the sample
-        ranked = sorted(next_token.items(), key=lambda item: item[1].rank)[:topk]
-        score.next_topk_ids = [token for token, _ in ranked]
-        score.next_topk_logprobs = [entry.logprob for _, entry in ranked]
+        logprobs, _, _ = vllm_prompt_logprobs(np.asarray(sequence), output.prompt_logprobs, 0)
+        continuation = logprobs[context_length:]  # [continuation tokens]
+        if np.isnan(continuation).any():
+            raise EngineOutputError("a continuation token has no log-prob")
+        score = Score(continuation.tolist())
+        if topk:
+            completion = output.outputs[0]
+            sampled = np.asarray(completion.token_ids[:1])  # the entries hold it and the top-k
+            _, ids, values = vllm_prompt_logprobs(sampled, completion.logprobs[:1], topk)
+            score.next_topk_ids, score.next_topk_logprobs = ids[0].tolist(), values[0].tolist()
+    except EngineOutputError as error:
+        return Score(error=f"vLLM's log-probs: {error}")
     return score

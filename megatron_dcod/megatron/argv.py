@@ -14,7 +14,9 @@ import io
 import os
 import re
 import sys
+import traceback
 from importlib.util import find_spec
+from pathlib import Path
 from typing import Iterator
 
 UNFUSED_FLAGS = (
@@ -89,6 +91,14 @@ def escape_help(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _rule_of(error: BaseException) -> str:
+    """The message of a failed check, or (a bare `assert`) the check's source line."""
+    if str(error):
+        return str(error)
+    frame = traceback.extract_tb(error.__traceback__)[-1]
+    return f"{frame.line} ({Path(frame.filename).name}:{frame.lineno})"
+
+
 def parse(
     argv: list[str],
     *,
@@ -128,7 +138,7 @@ def parse(
             return args
     except (AssertionError, ValueError, RuntimeError) as error:  # Megatron's rules
         sys.stdout.write(printed.getvalue())
-        raise SystemExit(f"megatron rejects the flags: {error}") from None
+        raise SystemExit(f"megatron rejects the flags: {_rule_of(error)}") from None
     except SystemExit:
         sys.stdout.write(printed.getvalue())  # --help, or argparse's usage message
         raise

@@ -84,7 +84,6 @@ def test_shellcheck_is_clean():
     "script, env, expected",
     [
         ("preprocess.sh", {"EXTRA_ARGS": "--skip-bad"}, ["a.jsonl", "b.jsonl", "--skip-bad"]),
-        ("score_teacher.sh", {"REF_MODEL": "student0", "TOPK": "4"}, ["student0", "cuda"]),
         ("convert_hf.sh", {"MODE": "import-hf", "TP": "4"}, ["import-hf", "4"]),
         ("convert_hf.sh", {"MODE": "export-hf", "OUT": "hf-out"}, ["export-hf", "hf-out"]),
         ("eval.sh", {"BENCHMARKS": "gsm8k aime24", "EXTRA_ARGS": "--limit 5"}, ["aime24", "5"]),
@@ -108,6 +107,28 @@ def test_dry_run_prints_commands_the_tools_accept(tmp_path, script, env, expecte
             synthesis_config_from_args(args)
     printed = [word for _, arguments in commands for word in arguments]
     assert all(any(value in word for word in printed) for value in expected), printed
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, {"role": "teacher", "topk": 8, "tensor_model_parallel_size": 4, "dtype": "bf16"}),
+        ({"AS": "ref", "TP": "2", "PP": "2", "OVERWRITE": "1"}, {"role": "ref", "topk": 0}),
+    ],
+)
+def test_score_teacher_dry_run_is_accepted_by_the_scorer(env, expected):
+    from megatron_dcod.scoring.arguments import build_parser, config_from_args
+
+    result = run_script("score_teacher.sh", DRY_RUN="1", DATA_PATH="a b", **env)
+    assert result.returncode == 0, result.stderr
+    (launch,) = result.stdout.strip().splitlines()
+    assert launch.startswith("srun --nodes=2 ") and "--nproc_per_node=8 --nnodes=2" in launch
+    words = shlex.split(launch)
+    config = config_from_args(
+        build_parser().parse_args(words[words.index("megatron_dcod.score") + 1 :])
+    )
+    assert config.data_path == ("a", "b") and config.overwrite == ("OVERWRITE" in env)
+    assert all(getattr(config, name) == value for name, value in expected.items()), config
 
 
 def test_eval_deals_benchmarks_to_gpu_slots():

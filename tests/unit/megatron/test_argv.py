@@ -34,6 +34,9 @@ def test_one_parse_restores_argv_and_environment(tmp_path):
         args = argv.parse(flags, cpu=True, world_size=4, quiet=True)
         with pytest.raises(SystemExit, match="megatron rejects the flags: .*divisible"):
             argv.parse([*flags, "--tensor-model-parallel-size=3"], cpu=True, world_size=4)
+        bare_assert = r"rejects the flags: assert args.save_interval is not None \(arguments.py:"
+        with pytest.raises(SystemExit, match=bare_assert):  # a check without a message
+            argv.parse([*flags, "--save=/tmp/x"], cpu=True, world_size=4, quiet=True)
     assert args.world_size == 4 and args.data_parallel_size == 2 and args.num_layers == 2
     assert args.dcod_weighting == "dcod" and args.calculate_per_token_loss
     assert sys.argv == argv_before and dict(os.environ) == environment_before

@@ -201,3 +201,19 @@ def test_command_line_end_to_end(tmp_path, tokenizer_dir, teacher_records):
     ).stdout
     assert f"traces               {len(teacher_records)}" in shown
     assert "pos  token" in shown and "logp_teacher" in shown and "teacher_top1" in shown
+
+
+def test_record_format_and_score_backend_flags(tmp_path, tokenizer_dir, teacher_records, capsys):
+    source = write_jsonl(tmp_path / "traces.jsonl", teacher_records[:2])
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        run_tool(tmp_path, tokenizer_dir, source, "--record-format", "tgi")
+    code, _ = run_tool(tmp_path, tokenizer_dir, source, "--score-backend", "vllm")
+    assert code == 1 and "--score-backend vllm needs --score-with" in capsys.readouterr().err
+    vllm_on_a_device = ("--score-backend", "vllm", "--score-with", "m", "--score-device", "cuda")
+    code, _ = run_tool(tmp_path, tokenizer_dir, source, *vllm_on_a_device)
+    assert code == 1 and "--score-device is for --score-backend hf" in capsys.readouterr().err
+    assert_nothing_left(tmp_path)
+    code, prefix = run_tool(tmp_path, tokenizer_dir, source, "--record-format", "native")
+    meta = json.loads(Path(f"{prefix}.meta.json").read_text())
+    assert code == 0 and meta["config"]["record_format"] == "native"
+    assert meta["config"]["scoring"]["backend"] == "hf"

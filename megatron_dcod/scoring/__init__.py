@@ -1,0 +1,1 @@
+"""The Megatron-Core teacher scorer behind `python -m megatron_dcod.score`."""
