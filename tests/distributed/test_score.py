@@ -6,6 +6,7 @@ The teachers' vocabulary (330 rows) is larger than their tokenizer (320 ids), an
 it further (352 rows at TP=1, 384 at TP=2): log-probs must be over the HF rows only."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -143,7 +144,7 @@ def run_scorer(flags: list[str], processes: int, env: dict | None = None):
 
 
 def saved_shards(output: str) -> set[int]:
-    return {int(line.split()[-1]) for line in output.splitlines() if line.startswith("saved shard")}
+    return {int(index) for index in re.findall(r"saved shard (\d+)", output)}
 
 
 def test_killed_scorer_resumes_where_it_stopped(teachers, tmp_path):

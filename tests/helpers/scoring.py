@@ -50,7 +50,8 @@ def main() -> None:
 
     def reporting_save(job, index, values):
         save(job, index, values)
-        print(f"saved shard {index}", flush=True)
+        sys.stdout.write(f"saved shard {index}\n")  # one write: ranks share the pipe
+        sys.stdout.flush()
         if kill_after is not None and index == int(kill_after):
             os.kill(os.getpid(), signal.SIGKILL)
 
