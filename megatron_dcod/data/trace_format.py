@@ -217,7 +217,7 @@ class TraceDatasetWriter:
                 values = np.maximum(values, np.finfo(np.float16).min)
             values = np.ascontiguousarray(values, dtype=ARRAY_SPECS[name].dtype)
             stored = values.reshape(-1).view(ARRAY_SPECS[name].storage_dtype)
-            builder.add_item(torch.from_numpy(stored))
+            builder.add_item(torch.from_numpy(stored if stored.flags.writeable else stored.copy()))
             builder.end_document()
         self._sidecar.write(json.dumps(sidecar or {}, ensure_ascii=False) + "\n")
         self.stats.add(trace)
