@@ -54,6 +54,25 @@ def empty_scored_trace(topk: int) -> ScoredTrace:
     )
 
 
+def check_settings(dtype: str, batch_tokens: int) -> None:
+    """A scorer's dtype and batch size (every scorer's check)."""
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"scoring dtype must be fp32 or bf16, got {dtype!r}")
+    if batch_tokens < 1:
+        raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
+
+
+def check_vocabulary(model_dir, vocab_size: int, min_vocab_size: int | None, topk: int) -> None:
+    """The scoring model predicts every id of the student tokenizer; top-k fits its output."""
+    if min_vocab_size is not None and vocab_size < min_vocab_size:
+        raise ValueError(
+            f"scoring model {model_dir} predicts {vocab_size} tokens but the student "
+            f"tokenizer has {min_vocab_size}: they must share the vocabulary"
+        )
+    if not 0 <= topk <= vocab_size:
+        raise ValueError(f"topk must be in [0, {vocab_size}], got {topk}")
+
+
 def check_trace(tokens: np.ndarray, loss_mask: np.ndarray, vocab_size: int) -> None:
     """Same lengths, token ids inside the scoring model's vocabulary (every scorer's check)."""
     if tokens.shape != loss_mask.shape or tokens.ndim != 1:
@@ -78,20 +97,11 @@ class CausalLMScorer:
         topk: int = 0,
         min_vocab_size: int | None = None,
     ):
-        if dtype not in ("fp32", "bf16"):
-            raise ValueError(f"scoring dtype must be fp32 or bf16, got {dtype!r}")
-        if batch_tokens < 1:
-            raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
+        check_settings(dtype, batch_tokens)
         self.model = load_causal_lm(model_dir, DTYPES[dtype]).to(device).eval()
         self.device, self.batch_tokens, self.topk = torch.device(device), batch_tokens, topk
         self.vocab_size = output_vocab_size(self.model)
-        if min_vocab_size is not None and self.vocab_size < min_vocab_size:
-            raise ValueError(
-                f"scoring model {model_dir} predicts {self.vocab_size} tokens but the student "
-                f"tokenizer has {min_vocab_size}: they must share the vocabulary"
-            )
-        if not 0 <= topk <= self.vocab_size:
-            raise ValueError(f"topk must be in [0, {self.vocab_size}], got {topk}")
+        check_vocabulary(model_dir, self.vocab_size, min_vocab_size, topk)
 
     def score(self, traces: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[ScoredTrace]:
         """Score (tokens [T] int32, loss_mask [T] uint8) pairs; results in the input order."""

@@ -20,7 +20,13 @@ from typing import Sequence
 import numpy as np
 
 from megatron_dcod.data.engine_records import EngineOutputError, vllm_prompt_logprobs
-from megatron_dcod.inference.trace_scorer import ScoredTrace, check_trace, empty_scored_trace
+from megatron_dcod.inference.trace_scorer import (
+    ScoredTrace,
+    check_settings,
+    check_trace,
+    check_vocabulary,
+    empty_scored_trace,
+)
 from megatron_dcod.inference.vllm_engine import RAW_ONE_TOKEN, VLLM_DTYPES
 
 
@@ -38,18 +44,9 @@ class VLLMTraceScorer:
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float | None = None,
     ):
-        if dtype not in ("fp32", "bf16"):
-            raise ValueError(f"scoring dtype must be fp32 or bf16, got {dtype!r}")
-        if batch_tokens < 1:
-            raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
+        check_settings(dtype, batch_tokens)
         self.vocab_size = _model_vocab_size(model_dir)
-        if min_vocab_size is not None and self.vocab_size < min_vocab_size:
-            raise ValueError(
-                f"scoring model {model_dir} predicts {self.vocab_size} tokens but the student "
-                f"tokenizer has {min_vocab_size}: they must share the vocabulary"
-            )
-        if not 0 <= topk <= self.vocab_size:
-            raise ValueError(f"topk must be in [0, {self.vocab_size}], got {topk}")
+        check_vocabulary(model_dir, self.vocab_size, min_vocab_size, topk)
         self.batch_tokens, self.topk = batch_tokens, topk
         self.llm = _load_llm(model_dir, dtype, topk, tensor_parallel_size, gpu_memory_utilization)
         config = getattr(getattr(self.llm, "llm_engine", None), "model_config", None)
