@@ -109,8 +109,11 @@ class CorrectionConfig:
     """ℓ_t: "ce" (cross-entropy of the trace token), "kl" (top-k KD), "todi" (top-k ToDi)."""
     scope: str = "token"
     """DCOD ratio scope: "token" (Δ_t), "prefix" (running mean of Δ), "sequence" (trace mean)."""
-    temperature: float = 1.0
-    """DCOD τ: w = s·σ((Δ − b)/τ)."""
+    temperature: float = 4.0
+    """DCOD τ: w = s·σ((Δ − b)/τ). 4, not 1: at τ = 1 a student far from the teacher gives
+    the tokens it does not support (a step's result, say) w ≈ 0 and never learns them
+    (docs/results.md: −57 points against SFT on the toy task's cold student; τ = 4 is within
+    the seed spread of SFT in every regime there)."""
     offset: float = 0.0
     """DCOD b."""
     scale: float = 2.0
@@ -274,3 +277,47 @@ class EvalConfig:
     """Seconds math-verify may spend on one parse or comparison."""
     gold_vs_gold: bool = False
     """Grade each gold answer as the response (checks the data and grader; no model)."""
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    """tools/measure_drift.py: ExAccErr (MiniLLM, arXiv 2306.08543, appendix B.5) of a student
+    against its teacher; megatron_dcod/eval/drift.py holds the equations."""
+
+    student: Path
+    """HF model dir of the student q_θ (its tokenizer and chat template render the prompts)."""
+    teacher: Path
+    """HF model dir of the teacher p; same vocabulary as the student."""
+    data: str
+    """Prompts: a JSONL / JSON / Parquet file or HF dataset dir of `benchmark` records."""
+    out: Path
+    """Output dir: run_config.json, generations.jsonl, summary.json, report.md, drift.png."""
+    benchmark: str = "custom"
+    """Record format of `data`, as in tools/eval_math.py (custom: a `problem` field)."""
+    split: str | None = None
+    problem_field: str | None = None
+    """Field holding the prompt text (default: the benchmark's)."""
+    system_prompt: str | None = None
+    prompt_template: str = EvalConfig.prompt_template
+    """User turn; `{problem}` is replaced by the problem text."""
+    num_prompts: int | None = 64
+    """The first N prompts of `data` (None: all; the command line's 0)."""
+    samples: int = 8
+    """Responses sampled per prompt from each model."""
+    max_new_tokens: int = 256
+    """Longest generation l measured."""
+    temperature: float = 1.0
+    """Sampling temperature of both models (1: their own distributions, as eqs. 30–31 assume)."""
+    top_p: float = 1.0
+    seed: int = 0
+    device: str | None = None
+    """Torch device (default: cuda if available, else cpu)."""
+    dtype: str = "fp32"
+    """fp32, bf16 or fp16 weights; the divergences are computed in fp32."""
+    batch_size: int = 8
+    """Prompts per batch (each with `samples` responses); results are saved after each."""
+    batch_tokens: int = 16384
+    """Padded tokens per scoring forward pass (the logits of one pass are batch × vocab)."""
+    report_lengths: tuple[int, ...] = ()
+    """Lengths l the summary and report list (default: powers of two below max_new_tokens,
+    and max_new_tokens)."""

@@ -81,7 +81,7 @@ source "${REPO_ROOT}/slurm/common.sh"
 : "${FP8:=1}"                   # FP8 GEMMs through Transformer Engine (H100 and newer)
 : "${WEIGHTING:=dcod}"          # sft, dft, iw_sft, dcod (README, docs/method.md)
 : "${DCOD_SCOPE:=token}"
-: "${DCOD_TEMPERATURE:=1}"
+: "${DCOD_TEMPERATURE:=4}"
 : "${DCOD_OFFSET:=0}"
 : "${DCOD_SCALE:=2}"            # w = scale · σ((Δ − offset) / temperature), 1 where Δ = offset
 : "${EXTRA_ARGS:=}"             # more trainer flags, appended last (so they override)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 MAX_START = 10
 MAX_OPERAND = 5
 MAX_TOTAL = 20
+SHORT_CHAINS = (2, 4)
+"""Operations per problem (inclusive range) of the quickstart; the lab's long chains: 6–8."""
 
 
 @dataclass(frozen=True)
@@ -47,10 +49,10 @@ def apply(total: int, sign: str, operand: int) -> int:
     return total + operand if sign == "+" else total - operand
 
 
-def random_problem(rng: random.Random) -> Problem:
+def random_problem(rng: random.Random, chain: tuple[int, int] = SHORT_CHAINS) -> Problem:
     start = rng.randint(1, MAX_START)
     total, operations = start, []
-    for _ in range(rng.randint(2, 4)):
+    for _ in range(rng.randint(*chain)):
         operand, sign = rng.randint(1, MAX_OPERAND), rng.choice("+-")
         if not 0 <= apply(total, sign, operand) <= MAX_TOTAL:
             sign = "-" if sign == "+" else "+"  # the other sign always stays in range
@@ -59,11 +61,17 @@ def random_problem(rng: random.Random) -> Problem:
     return Problem(start, tuple(operations))
 
 
-def problems(count: int, seed: int, exclude: frozenset[str] = frozenset()) -> list[Problem]:
-    """`count` distinct problems whose text is not in `exclude` (held-out sets stay held out)."""
+def problems(
+    count: int,
+    seed: int,
+    exclude: frozenset[str] = frozenset(),
+    chain: tuple[int, int] = SHORT_CHAINS,
+) -> list[Problem]:
+    """`count` distinct problems of `chain` operations whose text is not in `exclude`
+    (held-out sets stay held out)."""
     rng, seen, chosen = random.Random(seed), set(exclude), []
     while len(chosen) < count:
-        problem = random_problem(rng)
+        problem = random_problem(rng, chain)
         if problem.text not in seen:
             seen.add(problem.text)
             chosen.append(problem)

@@ -256,25 +256,31 @@ def make_tokenizer(problems: list[arithmetic.Problem], out_dir: Path) -> None:
 
 def pretrain(role: str, problems: list[arithmetic.Problem], paths: Paths) -> None:
     """A fresh tiny Llama of `role`'s size trained on `role`'s solutions, saved as an HF dir."""
+    pretrain_model(paths.model(role), paths.tokenizer, role, problems, *MODEL_SIZES[role])
+
+
+def pretrain_model(directory: Path, tokenizer_dir: Path, role: str, problems, *size) -> None:
+    """`size` = hidden, layers, heads, steps (batch 32) of a Llama trained on `role`'s
+    solutions of `problems` (examples/lab/ makes students of other lengths with it)."""
     import tiny_models
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(paths.tokenizer)
-    hidden, layers, heads, steps = MODEL_SIZES[role]
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    hidden, layers, heads, steps = size
     model = tiny_models.make_llama(tokenizer, hidden, layers, heads, seed=len(role))
-    examples = tiny_models.chat_examples(paths.tokenizer, pretraining_pairs(role, problems))
+    examples = tiny_models.chat_examples(tokenizer_dir, pretraining_pairs(role, problems))
     losses = tiny_models.pretrain(model, examples, steps, batch_size=32, lr=3e-3, desc=role)
-    tiny_models.save(model, tokenizer, paths.model(role))
-    (paths.model(role) / "pretrain_losses.json").write_text(json.dumps(losses))
+    tiny_models.save(model, tokenizer, directory)
+    (directory / "pretrain_losses.json").write_text(json.dumps(losses))
 
 
-def task_problems() -> dict[str, list[arithmetic.Problem]]:
-    """Disjoint problem sets: pre-training, teacher traces, held-out evaluation."""
-    train = arithmetic.problems(TRAIN_PROBLEMS, seed=1)
+def task_problems(chain: tuple[int, int] = arithmetic.SHORT_CHAINS) -> dict[str, list]:
+    """Disjoint problem sets of `chain` operations: pre-training, teacher traces, held-out."""
+    train = arithmetic.problems(TRAIN_PROBLEMS, seed=1, chain=chain)
     seen = frozenset(problem.text for problem in train)
-    heldout = arithmetic.problems(HELDOUT_PROBLEMS, seed=3, exclude=seen)
+    heldout = arithmetic.problems(HELDOUT_PROBLEMS, seed=3, exclude=seen, chain=chain)
     seen |= {problem.text for problem in heldout}
-    traces = arithmetic.problems(TRACE_PROBLEMS, seed=2, exclude=seen)
+    traces = arithmetic.problems(TRACE_PROBLEMS, seed=2, exclude=seen, chain=chain)
     return {"train": train, "traces": traces, "heldout": heldout}
 
 
@@ -290,7 +296,7 @@ def pretraining_pairs(role: str, problems: list[arithmetic.Problem]) -> list[tup
     ]
 
 
-def write_traces(teacher_dir: Path, problems: dict, data: Path) -> None:
+def write_traces(teacher_dir: Path, problems: dict, data: Path, max_new_tokens: int = 96) -> None:
     """Stage 4: teacher samples with log-probs (correct and canonically tokenized ones kept)
     → teacher_traces.jsonl; the held-out problems → heldout.jsonl (eval_math.py's custom)."""
     import tiny_models
@@ -301,7 +307,9 @@ def write_traces(teacher_dir: Path, problems: dict, data: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(teacher_dir)
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     prompts = [problem.text for problem in problems["traces"]]
-    samples = tiny_models.sample_with_logprobs(model, tokenizer, prompts, 96, topk=4, seed=0)
+    samples = tiny_models.sample_with_logprobs(
+        model, tokenizer, prompts, max_new_tokens, topk=4, seed=0
+    )
     canonical = tiny_models.canonically_tokenized(teacher_dir, samples)
     kept, wrong, non_canonical = [], 0, 0
     for problem, sample, is_canonical in zip(problems["traces"], samples, canonical):

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from megatron_dcod.engines.config import DeepSpeedOptions, OptimizerConfig, ScheduleConfig
-from megatron_dcod.platform.launch import adopt_slurm_ranks
+from megatron_dcod.platform.launch import adopt_slurm_ranks, free_port
 
 RESERVED_KEYS = (
     "train_batch_size",
@@ -44,8 +44,9 @@ def init_distributed() -> torch.device:
     from deepspeed.accelerator import get_accelerator
 
     adopt_slurm_ranks()
+    alone = "WORLD_SIZE" not in os.environ  # no launcher: rank 0 of 1, on a port of its own
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.setdefault("MASTER_PORT", str(free_port()) if alone else "29500")
     for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         os.environ.setdefault(name, value)
     accelerator = get_accelerator()

@@ -8,7 +8,8 @@ Every `--log-interval` steps rank 0 prints one line
 
 (the losses and the grad norm are the interval's means of each step's value, as Megatron
 averages them), preceded by the weight line of `training.metrics.WeightMetrics`; validation
-prints `validation loss at iteration N | lm loss value: ... | lm loss PPL: ... |`. Lines are
+prints `validation loss at iteration N | lm loss value: ... | lm loss PPL: ... | base loss
+value: ... |` (base loss: the unweighted token loss). Lines are
 flushed one by one; there is no progress bar, so logs under a launcher stay clean. With
 --tensorboard-dir the same values go to TensorBoard under Megatron's tags.
 """
@@ -75,15 +76,17 @@ class IntervalLog:
             self.tensorboard.add_scalar(name, value, iteration)
         self.tensorboard.flush()
 
-    def validation(self, iteration: int, lm_loss: float) -> None:
+    def validation(self, iteration: int, lm_loss: float, base_loss: float) -> None:
+        """`base loss value` is the unweighted token loss, comparable between weightings."""
         if not self.is_reporting_rank:
             return
         perplexity = math.exp(min(20.0, lm_loss))
         print(
             f" validation loss at iteration {iteration} | lm loss value: {lm_loss:.6E} | "
-            f"lm loss PPL: {perplexity:.6E} |",
+            f"lm loss PPL: {perplexity:.6E} | base loss value: {base_loss:.6E} |",
             flush=True,
         )
         if self.tensorboard is not None:
             self.tensorboard.add_scalar("lm loss validation", lm_loss, iteration)
             self.tensorboard.add_scalar("lm loss validation ppl", perplexity, iteration)
+            self.tensorboard.add_scalar("base loss validation", base_loss, iteration)

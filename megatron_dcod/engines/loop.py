@@ -250,7 +250,7 @@ def _validate(session: Session, valid_batches, log: IntervalLog) -> None:
         session.config.correction,
         _on_device(valid_batches, session.device, count),
     )
-    log.validation(session.iteration, totals.lm_loss)
+    log.validation(session.iteration, totals.lm_loss, totals.base_loss)
 
 
 def _save_on_schedule(session: Session) -> None:

@@ -154,7 +154,10 @@ def _generate_and_grade(config, chat, backend, grader, run, todo, sampling) -> d
     with tqdm(total=len(problems_left), desc=config.benchmark, unit="problem") as progress:
         for start in range(0, len(todo), config.batch_size):
             chunk = todo[start : start + config.batch_size]
-            prompts = [_prompt_ids(chat, config, problem) for problem, _ in chunk]
+            prompts = [
+                prompt_ids(chat, config.prompt_template, config.system_prompt, problem)
+                for problem, _ in chunk
+            ]
             seeds = [_item_seed(config.seed, problem.index, sample) for problem, sample in chunk]
             generations = backend.generate(prompts, sampling, seeds)
             run.append([_graded(grader, item, gen) for item, gen in zip(chunk, generations)])
@@ -177,12 +180,12 @@ def _all_done(run: RunDir, problem: Problem, samples: int) -> bool:
     return all(run.done(problem.index, sample) for sample in range(samples))
 
 
-def _prompt_ids(chat: ChatTokenizer, config: EvalConfig, problem: Problem) -> list[int]:
+def prompt_ids(
+    chat: ChatTokenizer, prompt_template: str, system_prompt: str | None, problem: Problem
+) -> list[int]:
     """The chat-templated prompt, ending with the generation prompt of the assistant turn."""
-    messages = [{"role": "system", "content": config.system_prompt}] if config.system_prompt else []
-    messages.append(
-        {"role": "user", "content": config.prompt_template.format(problem=problem.text)}
-    )
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages.append({"role": "user", "content": prompt_template.format(problem=problem.text)})
     text = chat.render(messages, add_generation_prompt=True)
     return chat.tokenizer(text, add_special_tokens=False)["input_ids"]
 

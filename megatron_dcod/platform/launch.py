@@ -31,3 +31,13 @@ def launched_rank() -> int:
 def launched_world_size() -> int:
     """How many processes the launcher (or Slurm) started; 1 alone."""
     return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+
+
+def free_port() -> int:
+    """A TCP port no one listens on now: the rendezvous of a process that runs alone, so that
+    two such processes on one machine do not both claim the default 29500."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -2,6 +2,8 @@
 7B layouts checked by the trainers' parsers, and the requeue logic with Slurm's commands stubbed."""
 
 import argparse
+import importlib.util
+import json
 import os
 import shlex
 import shutil
@@ -59,7 +61,7 @@ def printed_tool_commands(stdout: str) -> list[tuple[str, list[str]]]:
 def test_every_recipe_is_there():
     names = {script.name for script in SCRIPTS}
     assert {"common.sh", "train_7b.sh", "preprocess.sh", "score_teacher.sh"} <= names
-    assert {"convert_hf.sh", "eval.sh", "train_hf_deepspeed.sh"} <= names
+    assert {"convert_hf.sh", "eval.sh", "train_hf_deepspeed.sh", "compare_methods.sh"} <= names
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda path: path.name)
@@ -197,6 +199,118 @@ def test_deepspeed_dry_run_checks_the_zero3_layout_with_the_trainer_parser():
 def test_deepspeed_dry_run_rejects_a_bad_override(override, message):
     result = run_script("train_hf_deepspeed.sh", DRY_RUN="1", **override)
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+
+
+def write_lab_spec(root: Path) -> Path:
+    """A spec tools/compare_methods.py accepts: placeholder models, dataset and eval file (enough
+    to list the runs; nothing trains)."""
+    for model in ("student", "teacher"):
+        (root / model).mkdir()
+        (root / model / "config.json").write_text("{}")
+    (root / "traces.meta.json").write_text("{}")
+    (root / "heldout.jsonl").touch()
+    spec = {
+        "student": "student",
+        "teacher": "teacher",
+        "datasets": {"teacher": "traces"},
+        "seeds": [1, 2],
+        "methods": {"sft": {"flags": ["--dcod-weighting", "sft"]}, "dcod": {}},
+        "evals": {"heldout": {"data": "heldout.jsonl"}},
+        "drift": {"data": "heldout.jsonl"},
+    }
+    (root / "lab.json").write_text(json.dumps(spec))
+    return root / "lab.json"
+
+
+def load_compare_methods():
+    spec = importlib.util.spec_from_file_location(
+        "compare_methods", REPO / "tools/compare_methods.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def sbatch_option(words: list[str], name: str) -> str:
+    """The value of `--name=value` or `--name value` in a printed sbatch command."""
+    for index, word in enumerate(words):
+        if word.startswith(f"{name}="):
+            return word.split("=", 1)[1]
+        if word == name:
+            return words[index + 1]
+    raise AssertionError(f"no {name} in {words}")
+
+
+def lab_arguments(wrap: str) -> list[str]:
+    """The tools/compare_methods.py arguments of a job's --wrap command."""
+    words = shlex.split(wrap)
+    return words[words.index("tools/compare_methods.py") + 1 :]
+
+
+def test_compare_methods_submits_a_job_per_run_then_the_report(tmp_path, capsys):
+    from torch.distributed.run import get_args_parser
+
+    spec, out = write_lab_spec(tmp_path), tmp_path / "lab out"
+    tool = load_compare_methods()
+    assert tool.main(["--spec", str(spec), "--out", str(out), "--list-runs"]) == 0
+    run_ids = capsys.readouterr().out.split()
+    assert run_ids[0] == "initial" and len(run_ids) == 5, run_ids
+
+    env = {"SPEC": str(spec), "OUT": str(out), "GPUS_PER_NODE": "4", "PARTITION": "gpu"}
+    result = run_script("compare_methods.sh", DRY_RUN="1", **env)
+    assert result.returncode == 0, result.stderr
+    commands = [shlex.split(line) for line in result.stdout.splitlines()]
+    assert all(words[0] == "sbatch" for words in commands), result.stdout
+    assert all(sbatch_option(words, "--partition") == "gpu" for words in commands)
+    *run_jobs, report = commands
+    assert [sbatch_option(words, "--job-name") for words in run_jobs] == [
+        f"lab-{run_id}" for run_id in run_ids
+    ]
+    for run_id, words in zip(run_ids, run_jobs):
+        gpus = "1" if run_id == "initial" else "4"  # the student before training: eval only
+        assert sbatch_option(words, "--gpus-per-node") == gpus and "--dependency" not in words
+        wrap = sbatch_option(words, "--wrap")
+        assert shlex.split(wrap)[0] == "srun"
+        arguments = lab_arguments(wrap)
+        assert arguments[arguments.index("--only") + 1] == run_id and "--no-report" in arguments
+        # The tool's own parser (a misspelt flag fails here) selects exactly this run.
+        assert tool.main([*arguments, "--list-runs"]) == 0
+        assert capsys.readouterr().out.split() == [run_id]
+        launcher = shlex.split(arguments[arguments.index("--train-launcher") + 1])
+        assert launcher[:3] == [sys.executable, "-m", "torch.distributed.run"]
+        torchrun = get_args_parser().parse_args([*launcher[3:], "megatron_dcod.train_hf"])
+        assert torchrun.module and torchrun.standalone and torchrun.nproc_per_node == "4"
+
+    job_ids = [f"JOB_ID_{index}" for index in range(1, len(run_ids) + 1)]  # the dry run's
+    assert sbatch_option(report, "--dependency") == "afterany:" + ":".join(job_ids)
+    arguments = lab_arguments(sbatch_option(report, "--wrap"))
+    assert "--report-only" in arguments and "--only" not in arguments
+    assert tool.main([*arguments, "--list-runs"]) == 0
+    assert capsys.readouterr().out.split() == run_ids
+
+
+def test_compare_methods_submits_only_the_runs_asked_for(tmp_path):
+    env = {"SPEC": str(write_lab_spec(tmp_path)), "ONLY": "dcod.seed2 initial"}
+    result = run_script("compare_methods.sh", DRY_RUN="1", **env)
+    assert result.returncode == 0, result.stderr
+    names = [sbatch_option(shlex.split(line), "--job-name") for line in result.stdout.splitlines()]
+    assert names == ["lab-initial", "lab-dcod.seed2", "lab-report"]
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"SPEC": ""}, "error: set SPEC to the lab spec"),
+        ({"SPEC": "no/such/lab.yaml"}, "error: SPEC=no/such/lab.yaml: no such file"),
+        ({"ONLY": "nope.seed1"}, "error: --only: unknown runs ['nope.seed1']"),
+    ],
+)
+def test_compare_methods_refuses_a_missing_spec_or_run(tmp_path, env, message):
+    spec = write_lab_spec(tmp_path)
+    env = {"SPEC": str(spec), **env} if "ONLY" in env else env
+    result = run_script("compare_methods.sh", DRY_RUN="1", **env)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+    assert result.stdout == ""  # nothing submitted
 
 
 REQUEUE_SCENARIO = """
