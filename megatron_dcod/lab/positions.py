@@ -35,7 +35,7 @@ def weights_by_position(student, dataset, correction, traces: int, seq_length=No
     first = max(0, len(dataset) - traces)
     for index in range(first, len(dataset)):
         trace = dataset[index] if seq_length is None else dataset[index].truncated(seq_length)
-        tokens = torch.as_tensor(trace.tokens, dtype=torch.long)[None]  # [1, T]
+        tokens = torch.tensor(trace.tokens, dtype=torch.long)[None]  # [1, T], a copy
         with torch.no_grad():
             logits = student(input_ids=tokens.to(device)).logits.float().cpu()  # [1, T, V]
         picked = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, tokens[:, 1:, None])

@@ -80,6 +80,7 @@ def _child(stage, log: str, environment: dict[str, str]) -> None:
         os.dup2(descriptor, 2)
         sys.stdout = open(1, "w", buffering=1, encoding="utf-8", closefd=False)
         sys.stderr = open(2, "w", buffering=1, encoding="utf-8", closefd=False)
+        print(f"[lab] pid {os.getpid()}", flush=True)  # the process group the lab stops
         os.environ.update(environment)
         os.chdir(Path(__file__).resolve().parents[2])  # the checkout: tools/ is importable
         if stage.launcher:

@@ -132,3 +132,47 @@ def test_spec_errors_name_the_file_and_key(lab, tmp_path):
 
     (root / "lab.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     assert load_spec(root / "lab.yaml").methods[0].label == "SFT"
+
+
+def test_sigterm_stops_the_running_stage(lab, tmp_path):
+    """SIGTERM to the lab stops the training it runs (its process group) before the lab exits;
+    the run is left unfinished, not marked done."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, spec, _ = lab
+    raw = json.loads(spec.read_text())
+    raw |= {"methods": {"long": {"flags": ["--dcod-weighting", "sft"]}},
+            "train": [*TRAIN, "--train-iters", "100000"], "initial_student_row": False}  # fmt: skip
+    (root / "long.json").write_text(json.dumps(raw))
+    out = tmp_path / "out"
+    lab_process = subprocess.Popen(
+        [sys.executable, "tools/compare_methods.py", "--spec", str(root / "long.json"),
+         "--out", str(out)], cwd=Path(__file__).resolve().parents[3],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    log = out / "runs" / "long.seed7" / "logs" / "train.log"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and " iteration " not in (
+        log.read_text() if log.exists() else ""
+    ):
+        time.sleep(0.5)
+    pid = int(log.read_text().split("[lab] pid ")[1].split()[0])
+    lab_process.send_signal(signal.SIGTERM)
+    assert lab_process.wait(timeout=150) != 0
+
+    def alive() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie has ended
+
+    deadline = time.monotonic() + 10
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive()  # the training is gone, not orphaned
+    assert not (out / "runs" / "long.seed7" / "train.done").exists()
