@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megatron_dcod.lab.results import markdown_row
+
 TABLE_COLUMNS = ("model", "held-out acc", "val loss", "w mean", "w ESS", "w<0.1", "Δ mean")
 
 
@@ -64,7 +66,8 @@ def side_by_side(
                         "dcod/delta mean")
         ]  # fmt: skip
         rows.append([name, f"{summary['accuracy']['pass@1']:.1%}", *map(_number, figures)])
-    lines = [_row(TABLE_COLUMNS), _row(["---"] * len(TABLE_COLUMNS)), *map(_row, rows)]
+    lines = [markdown_row(TABLE_COLUMNS), markdown_row(["---"] * len(TABLE_COLUMNS))]
+    lines += map(markdown_row, rows)
     problems = summary["problems"]
     table = "\n".join(lines) + (
         f"\n\nheld-out acc: greedy pass@1 on {problems} held-out problems (tools/eval_math.py); "
@@ -82,10 +85,6 @@ def side_by_side(
 
 def _number(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"
-
-
-def _row(cells) -> str:
-    return "| " + " | ".join(cells) + " |"
 
 
 def plot_curves(runs: dict[str, dict], path: Path) -> None:

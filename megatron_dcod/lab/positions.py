@@ -124,12 +124,8 @@ def _measure(model_dir: Path, dataset, correction, traces: int, seq_length) -> d
 
     cuda = torch.cuda.is_available()
     model = load_causal_lm(model_dir, torch.bfloat16 if cuda else torch.float32).eval()
-    try:
-        return weights_by_position(
-            model.to("cuda" if cuda else "cpu"), dataset, correction, traces, seq_length
-        )
-    finally:
-        del model
+    model = model.to("cuda" if cuda else "cpu")
+    return weights_by_position(model, dataset, correction, traces, seq_length)
 
 
 if __name__ == "__main__":

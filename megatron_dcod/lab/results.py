@@ -157,7 +157,7 @@ def markdown(results: dict, baseline: str | None = None) -> str:
                      *[_mean_std(s.get(f"exacc_err/{length}"), digits=0) for length in lengths],
                      _drift_terms({k: (s.get(k) or {}).get("mean") for k in DRIFT_TERMS}),
                      _mean_std(s["tokens_per_s"], digits=0), str(s["seeds"])])  # fmt: skip
-    lines = [_row(header), _row(["---"] * len(header)), *map(_row, rows)]
+    lines = [markdown_row(header), markdown_row(["---"] * len(header)), *map(markdown_row, rows)]
     if results["missing"]:
         lines.append(f"\nnot finished: {', '.join(results['missing'])}")
     return "\n".join(lines) + "\n"
@@ -199,7 +199,7 @@ def _percent(value) -> str:
     return "—" if value is None else f"{value:.0f}"
 
 
-def _row(cells) -> str:
+def markdown_row(cells) -> str:
     return "| " + " | ".join(cells) + " |"
 
 

@@ -78,7 +78,6 @@ class Lab:
 
     def __init__(self, spec: LabSpec, out: Path, train_launcher: str | None = None):
         self.spec, self.out = spec, Path(out).resolve()  # the children run in the repo root
-        self.python = sys.executable
         self.train_launcher = tuple(shlex.split(train_launcher)) if train_launcher else ()
 
     def runs(self, only: set[str] | None = None) -> list[Run]:
